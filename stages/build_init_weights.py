@@ -1,0 +1,168 @@
+"""build_init_weights: build the CNN from params and save it with its initial weights.
+
+    python -m stages.build_init_weights --out models/init --metrics metrics/model.json
+
+Writes model.json (the architecture, Keras 3 `model.to_json()`),
+initial.weights.h5 (Keras 3 weights file) and summary.md (a layer table).
+Every training run starts from these same weights, so runs with other
+settings or on another device compare fairly, as in the seed notebook.
+
+The weights are drawn with NumPy from base.seed, with Keras's default scheme
+(Glorot-uniform kernels, zero biases), rather than by the backend's own random
+generator: so TensorFlow, JAX and PyTorch start from identical numbers.
+"""
+
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import PositiveInt
+
+from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
+                           load_params, run, write_json)
+
+INPUT_SHAPE = (28, 28, 1)
+N_CLASSES = 10
+Activation = Literal["relu", "sigmoid", "elu", "tanh"]
+LAYER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class ConvBlock(Strict):
+    filters: PositiveInt
+    kernel_size: PositiveInt  # square kernel, "valid" padding, as in the seed
+    activation: Activation
+    pool_size: PositiveInt | None  # square max pooling after the convolution; null: none
+
+
+class DenseLayer(Strict):
+    units: PositiveInt
+    activation: Activation
+
+
+class ModelParams(Strict):
+    conv_blocks: dict[str, ConvBlock]
+    dense_layers: dict[str, DenseLayer]
+    output_activation: Literal["softmax", "sigmoid"]
+
+
+def check_architecture(model):
+    """Refuse layer names Keras would reject and feature maps that shrink below 1x1.
+
+    Returns the side of the last feature map, for the summary.
+    """
+    names = list(model.conv_blocks) + list(model.dense_layers)
+    for group, layers in (("conv_blocks", model.conv_blocks), ("dense_layers", model.dense_layers)):
+        for name in layers:
+            if not LAYER_NAME.match(name) or name in ("flatten", "output") or names.count(name) > 1:
+                raise UserError(f"params.yaml: model.{group}.{name}: layer names must be unique, "
+                                f"start with a letter, use letters, digits and _, and not be flatten/output")
+    if not model.conv_blocks:
+        raise UserError("params.yaml: model.conv_blocks is empty; this is a convolutional network, "
+                        "give at least one block")
+    side = INPUT_SHAPE[0]
+    for name, block in model.conv_blocks.items():
+        if block.kernel_size > side:
+            raise UserError(f"params.yaml: model.conv_blocks.{name}.kernel_size = {block.kernel_size}: "
+                            f"the feature map is only {side}x{side} here; use a smaller kernel or fewer blocks")
+        side = side - block.kernel_size + 1
+        if block.pool_size:
+            if block.pool_size > side:
+                raise UserError(f"params.yaml: model.conv_blocks.{name}.pool_size = {block.pool_size}: "
+                                f"the feature map is only {side}x{side} here; pool less or set it to null")
+            side //= block.pool_size
+    return side
+
+
+def count_weights(model):
+    """The number of trainable weights, computed from the params alone (a check on Keras)."""
+    side, channels, total = INPUT_SHAPE[0], INPUT_SHAPE[2], 0
+    for block in model.conv_blocks.values():
+        total += (block.kernel_size ** 2 * channels + 1) * block.filters
+        side, channels = side - block.kernel_size + 1, block.filters
+        side = side // block.pool_size if block.pool_size else side
+    width = side * side * channels
+    for layer in model.dense_layers.values():
+        total += (width + 1) * layer.units
+        width = layer.units
+    return total + (width + 1) * N_CLASSES
+
+
+def build_model(keras, model):
+    """The Keras model the params describe (not yet compiled)."""
+    L = keras.layers
+    layers = [keras.Input(shape=INPUT_SHAPE, name="image")]
+    for name, block in model.conv_blocks.items():
+        k = block.kernel_size
+        layers.append(L.Conv2D(block.filters, kernel_size=(k, k), activation=block.activation, name=name))
+        if block.pool_size:
+            p = block.pool_size
+            layers.append(L.MaxPooling2D(pool_size=(p, p), name=f"{name}_pool"))
+    layers.append(L.Flatten(name="flatten"))
+    for name, layer in model.dense_layers.items():
+        layers.append(L.Dense(layer.units, activation=layer.activation, name=name))
+    layers.append(L.Dense(N_CLASSES, activation=model.output_activation, name="output"))
+    return keras.Sequential(layers, name="mnist_cnn")
+
+
+def initial_weights(shapes, seed):
+    """Glorot-uniform kernels and zero biases for weights of these shapes, from NumPy.
+
+    The same scheme as Keras's defaults for Conv2D and Dense: a kernel of shape
+    (..., fan_in_channels, fan_out_channels) is drawn from U(-l, l) with
+    l = sqrt(6 / (fan_in + fan_out)), fans counting the receptive field.
+    """
+    rng = np.random.default_rng(seed)
+    weights = []
+    for shape in shapes:
+        if len(shape) == 1:
+            weights.append(np.zeros(shape, np.float32))
+            continue
+        receptive = math.prod(shape[:-2])
+        limit = math.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
+        weights.append(rng.uniform(-limit, limit, size=shape).astype(np.float32))
+    return weights
+
+
+def summary_table(model):
+    """A Markdown table of the layers: name, type, output shape, weights."""
+    rows = ["| layer | type | output shape | weights |", "|---|---|---|---:|"]
+    for layer in model.layers:
+        shape = "x".join(str(d) for d in layer.output.shape[1:])
+        rows.append(f"| {layer.name} | {type(layer).__name__} | {shape} | {layer.count_params():,} |")
+    rows.append(f"| **total** | | | **{model.count_params():,}** |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for model.json and initial weights")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file with the weight count")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    params = load_params(args.params, base=BaseParams, model=ModelParams)
+    arch, base = params["model"], params["base"]
+    check_architecture(arch)
+
+    keras = import_keras(base.backend, device="cpu")
+    model = build_model(keras, arch)
+    model.set_weights(initial_weights([tuple(w.shape) for w in model.weights], base.seed))
+    n_weights = model.count_params()
+    if n_weights != count_weights(arch):  # an oracle for build_model
+        raise RuntimeError(f"Keras counts {n_weights} weights, the params say {count_weights(arch)}")
+
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
+        model.save_weights(tmp / "initial.weights.h5")
+        (tmp / "summary.md").write_text(summary_table(model))
+    write_json(args.metrics, {"weights": n_weights, "layers": len(model.layers)})
+    print(summary_table(model), end="")
+    print(f"wrote {args.out}/ (model.json, initial.weights.h5, summary.md) and {args.metrics}: "
+          f"{n_weights:,} weights")
+
+
+if __name__ == "__main__":
+    run(main)

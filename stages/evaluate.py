@@ -1,0 +1,92 @@
+"""evaluate: test loss, accuracy, per-class precision/recall and predictions of one trained model.
+
+    python -m stages.evaluate --device cpu --data data/processed --model models/cpu \
+        --metrics metrics/evaluate_cpu.json --predictions plots/predictions_cpu.csv
+
+The metrics JSON is keyed by name (test.accuracy, per_class.7.recall) so that
+`dvc metrics show` and `dvc metrics diff` read like sentences. The predictions
+CSV (one row per test image: actual and predicted digit, confidence) is the
+confusion matrix's data: DVC's confusion plot and the report's table.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from pydantic import PositiveInt
+from sklearn.metrics import precision_recall_fscore_support
+
+from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
+                           load_params, run, write_json)
+
+DIGITS = list(range(10))
+
+
+class EvaluateParams(Strict):
+    batch_size: PositiveInt
+
+
+def cross_entropy(probs, y):
+    """Mean categorical cross-entropy, as Keras computes it (rows renormalized, clipped)."""
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0))))
+
+
+def test_metrics(probs, y):
+    """Named metrics from predicted probabilities (N, 10) and true digits (N,)."""
+    pred = probs.argmax(axis=1)
+    precision, recall, _, _ = precision_recall_fscore_support(y, pred, labels=DIGITS, zero_division=0)
+    return {
+        "test": {
+            "loss": cross_entropy(probs, y),
+            "accuracy": float(np.mean(pred == y)),
+            "errors": int(np.sum(pred != y)),
+            "images": int(len(y)),
+        },
+        "per_class": {
+            str(d): {"precision": float(precision[d]), "recall": float(recall[d])}
+            for d in DIGITS
+        },
+    }
+
+
+def predictions_csv(probs, y):
+    pred = probs.argmax(axis=1)
+    rows = ["index,actual,predicted,confidence"]
+    rows += [f"{i},{y[i]},{pred[i]},{probs[i, pred[i]]:.6f}" for i in range(len(y))]
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], required=True, help="whose model to evaluate")
+    parser.add_argument("--data", type=Path, required=True, help="preprocess's folder")
+    parser.add_argument("--model", type=Path, required=True, help="train's folder")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    params = load_params(args.params, base=BaseParams, evaluate=EvaluateParams)
+
+    keras = import_keras(params["base"].backend)
+    try:
+        x = np.load(args.data / "x_test.npy")
+        y = np.load(args.data / "y_test.npy").astype(np.int64)
+        model = keras.models.load_model(args.model / "model.keras")
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"cannot load the test data or the {args.device} model ({err}); "
+                        f"run `dvc repro` to make them") from None
+    probs = np.asarray(model.predict(x, batch_size=params["evaluate"].batch_size, verbose=0), dtype=np.float64)
+
+    metrics = test_metrics(probs, y)
+    with atomic_path(args.predictions) as tmp:
+        tmp.write_text(predictions_csv(probs, y))
+    write_json(args.metrics, metrics)
+    t = metrics["test"]
+    print(f"{args.device} model on {t['images']} test images: accuracy {t['accuracy']:.4f}, "
+          f"loss {t['loss']:.4f}, {t['errors']} errors")
+    print(f"wrote {args.metrics} and {args.predictions}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,52 @@
+"""Shared fixtures: small real data from the committed sample, and params for tiny runs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample" / "mnist_sample.npz"
+FULL_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+
+
+def tiny_params(**overrides):
+    """params.yaml's values with a small model and 1 epoch, so a run takes seconds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["fetch"]["url"] = "http://127.0.0.1:9/mnist.npz"  # refused at once: no network in tests
+    params["fetch"]["timeout_s"] = 5.0
+    params["model"]["conv_blocks"] = {
+        "conv1": {"filters": 4, "kernel_size": 3, "activation": "relu", "pool_size": 2},
+        "conv2": {"filters": 8, "kernel_size": 3, "activation": "relu", "pool_size": 2},
+    }
+    params["model"]["dense_layers"] = {"dense1": {"units": 16, "activation": "relu"}}
+    params["train"]["epochs"] = 1
+    params["train"]["batch_size"] = 128
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        node = params
+        for key in path:
+            node = node[key]
+        node[last] = value
+    return params
+
+
+def write_params(path, params):
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def sample_raw():
+    """The committed sample's four uint8 arrays (6,000 + 1,000 real MNIST images)."""
+    with np.load(SAMPLE) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path):
+    """No MNIST_NPZ and an empty Keras cache: fetch must fall back or fail."""
+    monkeypatch.delenv("MNIST_NPZ", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    return tmp_path
