@@ -75,7 +75,8 @@ def validate(section, schema, name, path=PARAMS_FILE):
     try:
         return schema.model_validate(section)
     except ValidationError as err:
-        first = err.errors()[0]
+        # A misspelt key is both unknown and missing; naming the unknown one helps more.
+        first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         key = ".".join([name, *map(str, first["loc"])])
         if first["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema, first["loc"][:-1])

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import yaml
+
+from stages import build_init_weights as biw
+from stages.common import UserError, import_keras, validate
+from tests.conftest import ROOT, tiny_params, write_params
+
+
+def default_model():
+    return validate(yaml.safe_load((ROOT / "params.yaml").read_text())["model"], biw.ModelParams, "model")
+
+
+def test_the_seed_architecture_has_96844_weights():
+    model = default_model()
+    assert biw.count_weights(model) == 96_844
+    assert biw.check_architecture(model) == 3  # last feature map 3x3 (3*3*64 = 576 into Flatten)
+
+
+@pytest.mark.parametrize("conv, dense", [
+    ({"a": {"filters": 8, "kernel_size": 5, "activation": "tanh", "pool_size": None}}, {}),
+    ({"a": {"filters": 4, "kernel_size": 3, "activation": "elu", "pool_size": 3},
+      "b": {"filters": 6, "kernel_size": 2, "activation": "sigmoid", "pool_size": 2}},
+     {"d1": {"units": 12, "activation": "tanh"}, "d2": {"units": 7, "activation": "sigmoid"}}),
+])
+def test_keras_agrees_with_the_count_from_params(conv, dense):
+    model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid"},
+                     biw.ModelParams, "model")
+    keras = import_keras("tensorflow", device="cpu")
+    assert biw.build_model(keras, model).count_params() == biw.count_weights(model)
+
+
+def shrinking(kernel, pool):
+    return {"conv_blocks": {
+        "c1": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 28 -> 24 -> 12
+        "c2": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 12 -> 8 -> 4
+        "c3": {"filters": 4, "kernel_size": kernel, "activation": "relu", "pool_size": pool}},
+        "dense_layers": {}, "output_activation": "softmax"}
+
+
+@pytest.mark.parametrize("kernel, pool, key", [(5, None, "c3.kernel_size"), (3, 3, "c3.pool_size")])
+def test_feature_maps_below_1x1_are_refused_naming_the_key(kernel, pool, key):
+    model = validate(shrinking(kernel, pool), biw.ModelParams, "model")
+    with pytest.raises(UserError, match=rf"model\.conv_blocks\.{key} = \d+: the feature map is only \dx\d"):
+        biw.check_architecture(model)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.output_activation": "relu"}, r"model.output_activation = 'relu': Input should be 'softmax' or"),
+    ({"model.dense_layers": {"d": {"units": 10, "activation": "swish"}}}, r"model.dense_layers.d.activation"),
+    ({"model.dense_layers": {"d": {"units": 10, "activaton": "relu"}}},
+     r"unknown key model.dense_layers.d.activaton; allowed here: units, activation"),
+    ({"model.conv_blocks": {"c": {"filters": "32", "kernel_size": 3, "activation": "relu", "pool_size": 2}}},
+     r"model.conv_blocks.c.filters = '32': Input should be a valid integer"),
+    ({"model.conv_blocks": {"c": {"filters": 0, "kernel_size": 3, "activation": "relu", "pool_size": 2}}},
+     r"model.conv_blocks.c.filters = 0: Input should be greater than 0"),
+    ({"model.conv_blocks": {"c": {"filters": 8, "kernel_size": 3, "activation": "relu"}}},
+     r"missing key model.conv_blocks.c.pool_size"),
+    ({"model.conv_blocks": {"output": {"filters": 8, "kernel_size": 3, "activation": "relu", "pool_size": 2}}},
+     r"model.conv_blocks.output: layer names must be unique"),
+])
+def test_bad_model_params_are_one_line_errors(tmp_path, change, message):
+    p = write_params(tmp_path / "params.yaml", tiny_params(**change))
+    with pytest.raises(UserError, match=message) as err:
+        biw.main(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"), "--params", str(p)])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "init").exists()
+
+
+def test_initial_weights_are_glorot_uniform_and_zero_biases():
+    w = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
+    limit = np.sqrt(6 / (9 * 1 + 9 * 32))
+    assert w[0].dtype == np.float32 and np.abs(w[0]).max() <= limit and np.abs(w[0]).max() > 0.9 * limit
+    assert not w[1].any()
+    assert abs(w[2].std() - np.sqrt(6 / (576 + 70)) / np.sqrt(3)) < 0.002  # std of U(-l, l) is l/sqrt(3)
+    again = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
+    other = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(w, again, strict=True))
+    assert not np.array_equal(w[0], other[0])
+
+
+def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
+    p = write_params(tmp_path / "params.yaml", tiny_params())
+    out = tmp_path / "init"
+    biw.main(["--out", str(out), "--metrics", str(tmp_path / "m.json"), "--params", str(p)])
+    keras = import_keras("tensorflow", device="cpu")
+    model = keras.models.model_from_json((out / "model.json").read_text())
+    model.load_weights(out / "initial.weights.h5")
+    expected = biw.initial_weights([tuple(w.shape) for w in model.weights], seed=tiny_params()["base"]["seed"])
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), expected, strict=True))
+    assert "| **total** |" in (out / "summary.md").read_text()

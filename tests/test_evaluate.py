@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from stages import evaluate
+
+
+def test_metrics_against_a_hand_count():
+    y = np.array([0, 0, 1, 1, 2])
+    probs = np.full((5, 10), 0.01)
+    for i, p in enumerate([0, 1, 1, 1, 2]):  # one 0 taken for a 1
+        probs[i, p] = 0.91
+    m = evaluate.test_metrics(probs, y)
+    assert m["test"]["accuracy"] == pytest.approx(0.8) and m["test"]["errors"] == 1
+    assert m["per_class"]["0"] == {"precision": 1.0, "recall": 0.5}
+    assert m["per_class"]["1"] == {"precision": pytest.approx(2 / 3), "recall": 1.0}
+    assert m["per_class"]["9"] == {"precision": 0.0, "recall": 0.0}  # never seen, never predicted
+
+
+def test_cross_entropy_matches_keras():
+    from stages.common import import_keras
+    keras = import_keras("tensorflow", device="cpu")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), size=50)
+    y = rng.integers(0, 10, 50)
+    expected = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    assert evaluate.cross_entropy(probs, y) == pytest.approx(expected, rel=1e-5)
+
+
+def test_predictions_csv_rows():
+    probs = np.eye(10)[[3, 5]] * 0.9 + 0.01
+    text = evaluate.predictions_csv(probs, np.array([3, 4]))
+    assert text.splitlines() == ["index,actual,predicted,confidence", "0,3,3,0.910000", "1,4,5,0.910000"]

@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from stages import preprocess
+from stages.common import UserError
+from tests.conftest import tiny_params, write_params
+
+
+def test_published_split_keeps_the_split_and_the_test_order(sample_raw):
+    x_tr, y_tr, x_te, y_te = preprocess.split(sample_raw, "published_split", seed=1)
+    assert np.array_equal(x_te, sample_raw["x_test"]) and np.array_equal(y_te, sample_raw["y_test"])
+    assert not np.array_equal(y_tr, sample_raw["y_train"])  # shuffled ...
+    assert np.array_equal(np.sort(y_tr), np.sort(sample_raw["y_train"]))  # ... but the same images
+    order = np.lexsort(x_tr.reshape(len(x_tr), -1).T)
+    ref = np.lexsort(sample_raw["x_train"].reshape(len(x_tr), -1).T)
+    assert np.array_equal(x_tr[order], sample_raw["x_train"][ref])
+
+
+def test_pooled_resplit_mixes_train_and_test(sample_raw):
+    x_tr, y_tr, x_te, y_te = preprocess.split(sample_raw, "pooled_resplit", seed=1)
+    assert (len(y_tr), len(y_te)) == (6000, 1000)
+    pooled = np.concatenate([sample_raw["y_train"], sample_raw["y_test"]])
+    assert np.array_equal(np.bincount(np.concatenate([y_tr, y_te])), np.bincount(pooled))
+    assert not np.array_equal(x_te, sample_raw["x_test"])
+
+
+def test_same_seed_same_shuffle_other_seed_other_shuffle(sample_raw):
+    a = preprocess.split(sample_raw, "pooled_resplit", seed=7)[1]
+    b = preprocess.split(sample_raw, "pooled_resplit", seed=7)[1]
+    c = preprocess.split(sample_raw, "pooled_resplit", seed=8)[1]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("procedure, fit_on_test", [("published_split", False), ("pooled_resplit", True)])
+def test_scaler_is_fitted_on_what_the_procedure_says(sample_raw, procedure, fit_on_test):
+    arrays, scaler = preprocess.preprocess(sample_raw, procedure, seed=0)
+    n_train = len(arrays["y_train"])
+    assert scaler["n_samples_seen"] == (n_train + len(arrays["y_test"]) if fit_on_test else n_train)
+    if not fit_on_test:  # an oracle: the training images' own per-pixel mean
+        expected = sample_raw["x_train"].reshape(n_train, -1).mean(axis=0)
+        assert np.allclose(scaler["mean"], expected)
+        # standardized training pixels have mean 0 and, where not constant, std 1
+        flat = arrays["x_train"].reshape(n_train, -1)
+        assert np.allclose(flat.mean(axis=0), 0, atol=1e-4)
+        varying = flat.std(axis=0) > 0
+        assert np.allclose(flat.std(axis=0)[varying], 1, atol=1e-3)
+
+
+def test_saved_scaler_reproduces_the_arrays_without_sklearn(sample_raw):
+    arrays, scaler = preprocess.preprocess(sample_raw, "published_split", seed=0)
+    scaler = json.loads(json.dumps(scaler))  # through JSON, as a tool would read it
+    x = ((sample_raw["x_test"].reshape(1000, -1) - np.array(scaler["mean"])) / np.array(scaler["scale"]))
+    assert np.allclose(x.reshape(1000, 28, 28, 1), arrays["x_test"], atol=1e-6)
+    assert arrays["x_test"].dtype == np.float32 and arrays["x_train"].shape == (6000, 28, 28, 1)
+    assert arrays["y_train"].dtype == np.uint8
+
+
+def test_main_writes_outputs(tmp_path, sample_raw):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, arr in sample_raw.items():
+        np.save(raw / f"{name}.npy", arr)
+    p = write_params(tmp_path / "params.yaml", tiny_params())
+    preprocess.main(["--raw", str(raw), "--out", str(tmp_path / "out"), "--params", str(p)])
+    names = sorted(f.name for f in (tmp_path / "out").iterdir())
+    assert names == ["scaler.json", "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+
+
+def test_unknown_procedure_is_a_one_line_error(tmp_path):
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"preprocess.procedure": "leaky"}))
+    with pytest.raises(UserError, match=r"preprocess.procedure = 'leaky': Input should be 'published_split'"):
+        preprocess.main(["--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--params", str(p)])
+
+
+def test_missing_raw_data_says_what_to_run(tmp_path):
+    p = write_params(tmp_path / "params.yaml", tiny_params())
+    with pytest.raises(UserError, match="x_train.npy not found: run `dvc repro fetch` first"):
+        preprocess.main(["--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--params", str(p)])
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from stages import report
+from stages.common import UserError
+from tests.conftest import ROOT, tiny_params, write_params
+
+
+def fake_run_files(folder, device, fit_time_s, accuracy):
+    (folder / "metrics").mkdir(exist_ok=True)
+    (folder / "plots").mkdir(exist_ok=True)
+    (folder / "metrics" / f"train_{device}.json").write_text(json.dumps({
+        "device_name": f"{device} name", "backend": "tensorflow", "backend_version": "2.21.0",
+        "keras_version": "3.15.1", "fit_time_s": fit_time_s, "time_per_epoch_s": fit_time_s / 5,
+        "samples_per_s": 60000 * 5 / fit_time_s, "final_accuracy": 0.99, "cpu_model": "Test CPU"}))
+    errors = round((1 - accuracy) * 4)
+    (folder / "metrics" / f"evaluate_{device}.json").write_text(json.dumps({
+        "test": {"loss": 0.03, "accuracy": accuracy, "errors": errors, "images": 4},
+        "per_class": {str(d): {"precision": 1.0, "recall": 1.0} for d in range(10)}}))
+    rows = ["index,actual,predicted,confidence", "0,7,7,0.99", "1,2,2,0.98", "2,1,1,0.97", "3,4,9,0.60"]
+    (folder / "plots" / f"predictions_{device}.csv").write_text("\n".join(rows) + "\n")
+
+
+def run_report(tmp_path, devices, full=True):
+    (tmp_path / "metrics").mkdir(exist_ok=True)
+    (tmp_path / "metrics" / "data.json").write_text(json.dumps(
+        {"source": "MNIST_NPZ" if full else "sample", "full_mnist": full,
+         "train_images": 60000 if full else 6000, "test_images": 10000 if full else 1000}))
+    (tmp_path / "metrics" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 8}))
+    (tmp_path / "summary.md").write_text("| layer | type |\n|---|---|\n| conv1 | Conv2D |\n")
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": devices}))
+    out = tmp_path / "report.md"
+    report.main(["--metrics", str(tmp_path / "metrics"), "--plots", str(tmp_path / "plots"),
+                 "--summary", str(tmp_path / "summary.md"), "--out", str(out), "--params", str(p)])
+    return out.read_text()
+
+
+def test_cpu_and_gpu_side_by_side_beside_the_seed(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 0.75)
+    fake_run_files(tmp_path, "gpu", 5.0, 0.75)
+    text = run_report(tmp_path, ["cpu", "gpu"])
+    assert "Data: **full MNIST**, 60,000 training and 10,000 test images (source: MNIST_NPZ)" in text
+    assert "| cpu | cpu name (tensorflow 2.21.0, Keras 3.15.1) | 50.0 s |" in text
+    assert "| gpu | gpu name" in text and "The GPU fit was 10.0x as fast as the CPU fit." in text
+    assert "| seed (published, 5 epochs) | 99.0% | 20.6 s | NVIDIA GeForce GTX 960 |" in text
+    assert "| 4 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1 |" in text  # the 4 taken for a 9
+    assert "96,844 weights" in text and "WARNING" not in text
+
+
+def test_sample_data_is_a_loud_warning(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 1.0)
+    text = run_report(tmp_path, ["cpu"], full=False)
+    assert text.splitlines()[2].startswith("> **WARNING: trained on the 7,000-image SAMPLE")
+    assert "GPU fit" not in text
+
+
+def test_a_device_that_did_not_run_is_an_error_not_a_blank(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 1.0)
+    with pytest.raises(UserError, match="train_gpu.json not found: run `dvc repro`"):
+        run_report(tmp_path, ["cpu", "gpu"])
+
+
+def test_the_committed_report_is_from_the_full_data():
+    text = (ROOT / "reports" / "report.md").read_text()
+    assert "Data: **full MNIST**" in text and "96,844 weights" in text

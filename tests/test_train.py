@@ -1,0 +1,95 @@
+"""Training on small real data: settings, determinism, and the GPU rule."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stages import build_init_weights, preprocess, train
+from stages.common import UserError, import_keras, validate
+from tests.conftest import tiny_params, write_params
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Processed sample data (first 1,000 images) and tiny initial weights in a temp folder."""
+    from tests.conftest import SAMPLE
+    tmp = tmp_path_factory.mktemp("train")
+    with np.load(SAMPLE) as npz:
+        raw = {name: npz[name][:1000] for name in npz.files}
+    arrays, _ = preprocess.preprocess(raw, "published_split", seed=0)
+    (tmp / "data").mkdir()
+    for name, arr in arrays.items():
+        np.save(tmp / "data" / f"{name}.npy", arr)
+    p = write_params(tmp / "params.yaml", tiny_params())
+    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"), "--params", str(p)])
+    return tmp
+
+
+def run_train(prepared, tmp_path, device="cpu", **overrides):
+    tmp_path.mkdir(exist_ok=True)
+    p = write_params(tmp_path / "params.yaml", tiny_params(**overrides))
+    out = tmp_path / device
+    train.main(["--device", device, "--data", str(prepared / "data"), "--init", str(prepared / "init"),
+                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
+                "--params", str(p)])
+    return out, json.loads((tmp_path / "m.json").read_text())
+
+
+def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
+    out_a, m_a = run_train(prepared, tmp_path / "a", **{"train.epochs": 2})
+    out_b, m_b = run_train(prepared, tmp_path / "b", **{"train.epochs": 2})
+    keras = import_keras("tensorflow", device="cpu")
+    w_a = keras.models.load_model(out_a / "model.keras").get_weights()
+    w_b = keras.models.load_model(out_b / "model.keras").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(w_a, w_b, strict=True))
+    assert m_a["final_loss"] == m_b["final_loss"] and m_a["final_accuracy"] == m_b["final_accuracy"]
+    assert m_a["device"] == "cpu" and "CPU" in m_a["placement"] and m_a["backend"] == "tensorflow"
+    assert m_a["train_images"] == 1000 and m_a["epochs"] == 2 and m_a["fit_time_s"] > 0
+    assert m_a["samples_per_s"] == pytest.approx(2000 / m_a["fit_time_s"], rel=0.01)
+    history = (tmp_path / "a" / "h.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,accuracy,epoch_time_s" and len(history) == 3
+    saved = json.loads((out_a / "params.json").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["device"] == "cpu"
+
+
+def test_other_settings_train_differently_from_the_same_start(prepared, tmp_path):
+    _, rms = run_train(prepared, tmp_path / "rms")
+    _, sgd = run_train(prepared, tmp_path / "sgd", **{"train.optimizer": "sgd", "train.momentum": 0.9,
+                                                      "train.learning_rate": 0.01,
+                                                      "train.loss": "sparse_categorical_crossentropy"})
+    assert rms["final_loss"] != sgd["final_loss"]
+    assert 0.1 < sgd["final_accuracy"] <= 1.0  # accuracy is a real accuracy with sparse labels too
+
+
+def test_gpu_without_a_gpu_fails_loudly_and_writes_nothing(prepared, tmp_path):
+    with pytest.raises(UserError, match="train.devices includes 'gpu' but tensorflow sees no GPU"):
+        run_train(prepared, tmp_path, device="gpu")
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train.epochs": 0}, "train.epochs = 0: Input should be greater than 0"),
+    ({"train.optimizer": "adamw"}, "train.optimizer = 'adamw'"),
+    ({"train.optimizer": "adam", "train.momentum": 0.9}, "train.momentum applies to rmsprop and sgd"),
+    ({"train.devices": ["cpu", "cpu"]}, "list each device once"),
+    ({"train.devices": ["tpu"]}, "train.devices.0 = 'tpu'"),
+    ({"train.epocs": 3}, "unknown key train.epocs; allowed here: devices, epochs"),
+    ({"train.shuffle": "yes"}, "train.shuffle = 'yes': Input should be a valid boolean"),
+])
+def test_bad_train_params(tmp_path, change, message):
+    params = tiny_params(**change)
+    with pytest.raises(UserError, match=message):
+        section = validate(params["train"], train.TrainParams, "train")
+        train.check_train(section, "tensorflow")
+
+
+def test_unknown_backend_is_refused(tmp_path, prepared):
+    with pytest.raises(UserError, match="base.backend = 'theano'"):
+        run_train(prepared, tmp_path, **{"base.backend": "theano"})
+
+
+def test_placement_names_the_device():
+    assert train.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
+    assert train.on_gpu("cuda:0") and train.on_gpu("cuda:0")
+    assert not train.on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not train.on_gpu("TFRT_CPU_0")
