@@ -185,3 +185,15 @@ def test_params_yaml_is_valid_for_every_stage():
                          evaluate=evaluate.EvaluateParams)
     assert loaded["train"].devices == ["cpu"]  # the default must run on any machine
     assert build_init_weights.count_weights(loaded["model"]) == 96_844
+
+
+def test_an_experiment_runs_and_shows_beside_the_baseline(project):
+    """Last in this module: `dvc exp run` applies its result to the workspace; it is undone at the end."""
+    try:
+        result = dvc(project, "exp", "run", "-S", "model.conv_blocks.conv1.filters=6", "-n", "wider")
+        assert ran(result) == {"build_init_weights", "train@cpu", "evaluate@cpu", "report"}
+        shown = dvc(project, "exp", "show", "--no-pager", "--md").stdout
+        assert "wider" in shown and "test.accuracy" in shown and "model.conv_blocks.conv1.filters" in shown
+    finally:
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
+        dvc(project, "repro")
