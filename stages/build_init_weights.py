@@ -16,10 +16,10 @@ import argparse
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
                            load_params, run, write_json)
@@ -42,10 +42,17 @@ class DenseLayer(Strict):
     activation: Activation
 
 
+class L2Params(Strict):
+    conv: NonNegativeFloat   # penalty on the convolution kernels
+    dense: NonNegativeFloat  # on the dense kernels, output layer included
+
+
 class ModelParams(Strict):
     conv_blocks: dict[str, ConvBlock]
     dense_layers: dict[str, DenseLayer]
     output_activation: Literal["softmax", "sigmoid"]
+    l2: L2Params
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # before each dense layer
 
 
 def check_architecture(model):
@@ -90,20 +97,40 @@ def count_weights(model):
     return total + (width + 1) * N_CLASSES
 
 
+def describe(model):
+    """A one-line summary for `dvc exp show`, e.g. 'conv32(3x3,pool2) conv64(3x3) dense70 softmax'."""
+    parts = [f"conv{b.filters}({b.kernel_size}x{b.kernel_size}{f',pool{b.pool_size}' if b.pool_size else ''})"
+             for b in model.conv_blocks.values()]
+    parts += [f"dense{d.units}" for d in model.dense_layers.values()] + [model.output_activation]
+    extras = [f"l2={model.l2.conv}/{model.l2.dense}"] if model.l2.conv or model.l2.dense else []
+    extras += [f"dropout={model.dropout}"] if model.dropout else []
+    return " ".join(parts + extras)
+
+
 def build_model(keras, model):
-    """The Keras model the params describe (not yet compiled)."""
+    """The Keras model the params describe (not yet compiled).
+
+    L2 and dropout at 0 add nothing, so the seed's model stays exactly the seed's.
+    """
     L = keras.layers
+
+    def l2(value):
+        return keras.regularizers.L2(value) if value else None
+
     layers = [keras.Input(shape=INPUT_SHAPE, name="image")]
     for name, block in model.conv_blocks.items():
         k = block.kernel_size
-        layers.append(L.Conv2D(block.filters, kernel_size=(k, k), activation=block.activation, name=name))
+        layers.append(L.Conv2D(block.filters, kernel_size=(k, k), activation=block.activation,
+                               kernel_regularizer=l2(model.l2.conv), name=name))
         if block.pool_size:
             p = block.pool_size
             layers.append(L.MaxPooling2D(pool_size=(p, p), name=f"{name}_pool"))
     layers.append(L.Flatten(name="flatten"))
-    for name, layer in model.dense_layers.items():
-        layers.append(L.Dense(layer.units, activation=layer.activation, name=name))
-    layers.append(L.Dense(N_CLASSES, activation=model.output_activation, name="output"))
+    dense = [(name, layer.units, layer.activation) for name, layer in model.dense_layers.items()]
+    for name, units, activation in dense + [("output", N_CLASSES, model.output_activation)]:
+        if model.dropout:
+            layers.append(L.Dropout(model.dropout, name=f"{name}_dropout"))
+        layers.append(L.Dense(units, activation=activation, kernel_regularizer=l2(model.l2.dense), name=name))
     return keras.Sequential(layers, name="mnist_cnn")
 
 
@@ -158,7 +185,7 @@ def main(argv=None):
         (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
         model.save_weights(tmp / "initial.weights.h5")
         (tmp / "summary.md").write_text(summary_table(model))
-    write_json(args.metrics, {"weights": n_weights, "layers": len(model.layers)})
+    write_json(args.metrics, {"weights": n_weights, "layers": len(model.layers), "architecture": describe(arch)})
     print(summary_table(model), end="")
     print(f"wrote {args.out}/ (model.json, initial.weights.h5, summary.md) and {args.metrics}: "
           f"{n_weights:,} weights")

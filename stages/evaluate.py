@@ -1,15 +1,18 @@
 """evaluate: test loss, accuracy, per-class precision/recall and predictions of one trained model.
 
     python -m stages.evaluate --device cpu --data data/processed --model models/cpu \
-        --metrics metrics/evaluate_cpu.json --predictions plots/predictions_cpu.csv
+        --metrics metrics/evaluate_cpu.json --predictions plots/predictions_cpu.csv \
+        --mistakes plots/mistakes_cpu.png
 
 The metrics JSON is keyed by name (test.accuracy, per_class.7.recall) so that
 `dvc metrics show` and `dvc metrics diff` read like sentences. The predictions
 CSV (one row per test image: actual and predicted digit, confidence) is the
-confusion matrix's data: DVC's confusion plot and the report's table.
+confusion matrix's data: DVC's confusion plot and the report's table. The
+mistakes PNG shows the 25 most confident mistakes, as the digits were drawn.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,40 @@ def predictions_csv(probs, y):
     return "\n".join(rows) + "\n"
 
 
+def most_confident_mistakes(probs, y, n=25):
+    """Indices of the `n` wrong predictions made with the highest confidence, most confident first."""
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+
+
+def unstandardize(x, scaler):
+    """Standardized (N, 28, 28, 1) images back to 0..255 pixels, with preprocess's scaler.json."""
+    flat = x.reshape(len(x), -1) * np.array(scaler["scale"]) + np.array(scaler["mean"])
+    return np.clip(flat, 0, 255).reshape(len(x), 28, 28)
+
+
+def mistakes_png(images, y, probs, indices, path, title):
+    """A grid of the given test images, each titled 'true -> predicted (confidence)'."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 5
+    rows = max(1, -(-len(indices) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices, strict=False):
+        pred = int(probs[i].argmax())
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"#{i}: {y[i]} -> {pred} ({probs[i, pred]:.0%})", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same bytes
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], required=True, help="whose model to evaluate")
@@ -64,6 +101,7 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, required=True, help="train's folder")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--mistakes", type=Path, required=True, help="PNG of the most confident mistakes")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, evaluate=EvaluateParams)
@@ -72,6 +110,7 @@ def main(argv=None):
     try:
         x = np.load(args.data / "x_test.npy")
         y = np.load(args.data / "y_test.npy").astype(np.int64)
+        scaler = json.loads((args.data / "scaler.json").read_text())
         model = keras.models.load_model(args.model / "model.keras")
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot load the test data or the {args.device} model ({err}); "
@@ -79,13 +118,16 @@ def main(argv=None):
     probs = np.asarray(model.predict(x, batch_size=params["evaluate"].batch_size, verbose=0), dtype=np.float64)
 
     metrics = test_metrics(probs, y)
-    with atomic_path(args.predictions) as tmp:
+    wrong = most_confident_mistakes(probs, y)
+    with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
+        mistakes_png(unstandardize(x, scaler), y, probs, wrong, png,
+                     f"{args.device} model: the {len(wrong)} most confident mistakes (true -> predicted)")
     write_json(args.metrics, metrics)
     t = metrics["test"]
     print(f"{args.device} model on {t['images']} test images: accuracy {t['accuracy']:.4f}, "
           f"loss {t['loss']:.4f}, {t['errors']} errors")
-    print(f"wrote {args.metrics} and {args.predictions}")
+    print(f"wrote {args.metrics}, {args.predictions} and {args.mistakes}")
 
 
 if __name__ == "__main__":

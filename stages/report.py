@@ -1,15 +1,22 @@
-"""report: one Markdown page with what was run, on which data, and how it did.
+"""report: what was run, on which data, and how it did, as Markdown and as one HTML page.
 
-    python -m stages.report --metrics metrics --plots plots \
-        --summary models/init/summary.md --out reports/report.md
+    python -m stages.report --metrics metrics --plots plots --live dvclive \
+        --summary models/init/summary.md --out reports
 
-Reads the metrics of every device in train.devices, the layer table that
-build_init_weights wrote and the params, and sets our figures beside the
-seed notebook's published ones.
+Reads the metrics, per-epoch logs and predictions of every device in
+train.devices, the layer table that build_init_weights wrote and the params,
+and sets our figures beside the seed notebook's published ones. report.html
+is self-contained (images embedded), so it opens offline in any browser.
 """
 
 import argparse
+import base64
 import csv
+import html
+import io
+import platform
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,17 @@ def confusion_from_csv(path):
     return counts
 
 
+def read_curves(live_dir):
+    """DVCLive's per-epoch TSVs: {"train/loss": [values by epoch], "eval/loss": [...], ...}."""
+    curves = {}
+    for tsv in sorted((Path(live_dir) / "plots" / "metrics").glob("*/*.tsv")):
+        with open(tsv, newline="") as f:
+            curves[f"{tsv.parent.name}/{tsv.stem}"] = [float(r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+    if not curves:
+        raise UserError(f"no per-epoch log in {live_dir}: run `dvc repro` to make it")
+    return curves
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -62,12 +80,15 @@ def render(params, data, model, summary, runs):
            "- inputs standardized per pixel (StandardScaler), shaped (N, 28, 28, 1), float32", "",
            "## Model", "", summary.strip(), "",
            f"{model['weights']:,} weights; output activation `{arch.output_activation}`; "
+           f"L2 penalty conv {arch.l2.conv}, dense {arch.l2.dense}; dropout {arch.dropout}; "
            f"Keras backend `{base.backend}`; seed {base.seed}.", "",
            "## Training settings", "",
            table(["setting", "value"], [
                ["epochs", train.epochs], ["batch size", train.batch_size], ["optimizer", train.optimizer],
-               ["learning rate", train.learning_rate], ["momentum", train.momentum], ["loss", train.loss],
-               ["shuffle each epoch", train.shuffle], ["devices", ", ".join(train.devices)]]), "",
+               ["learning rate", train.learning_rate], ["learning-rate schedule", train.lr_schedule],
+               ["momentum", train.momentum], ["Nesterov", train.nesterov], ["loss", train.loss],
+               ["shuffle each epoch", train.shuffle], ["validation split", train.validation_split],
+               ["devices", ", ".join(train.devices)]]), "",
            "## Fit time per device", "",
            table(["device", "name (as the framework reports it)", "fit time", "per epoch", "images/s",
                   "final train accuracy"],
@@ -98,29 +119,176 @@ def render(params, data, model, summary, runs):
     return "\n".join(out)
 
 
+def code_version():
+    """The git commit the report was made from ('+ changes' when the tree differs), or 'unknown'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def versions(runs):
+    names = ["numpy", "scikit-learn", "dvc", "dvclive", "matplotlib"]
+    found = {"python": platform.python_version()}
+    for t, *_ in runs.values():
+        found["keras"] = t["keras_version"]
+        found[t["backend"]] = t["backend_version"]
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def png_data_uri(fig):
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def curves_figure(device, curves):
+    """Loss, accuracy and learning rate per epoch: training and, when there is one, validation."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, metric in zip(axes, ["loss", "accuracy", "learning_rate"], strict=True):
+        for split, style in (("train", "-o"), ("eval", "--s")):
+            values = curves.get(f"{split}/{metric}")
+            if values:
+                label = "training" if split == "train" else "validation"
+                ax.plot(range(1, len(values) + 1), values, style, label=label)
+        ax.set(title=f"{metric.replace('_', ' ')} ({device})", xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(device, conf):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.imshow(np.log1p(conf), cmap="Blues")
+    for t in range(10):
+        for p in range(10):
+            if conf[t, p]:
+                ax.text(p, t, conf[t, p], ha="center", va="center", fontsize=7,
+                        color="white" if t == p else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix, test set ({device})")
+    fig.tight_layout()
+    return fig
+
+
+def fit_time_figure(runs):
+    import matplotlib.pyplot as plt
+    names = [f"{d}\n{t['device_name'][:28]}" for d, (t, *_) in runs.items()] + ["seed\nGTX 960"]
+    seconds = [t["fit_time_s"] for t, *_ in runs.values()] + [SEED_FIGURES["fit_time_s"]]
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    bars = ax.barh(names, seconds, color=["tab:blue", "tab:green", "tab:gray"][:len(names)])
+    ax.bar_label(bars, fmt="%.1f s")
+    ax.set(xlabel="fit time (s)", title="Fit time per device")
+    fig.tight_layout()
+    return fig
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table.text td{text-align:left}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.warn{background:#fff3cd;border:2px solid #d39e00;padding:1em;font-weight:bold}
+.ok{background:#e8f5e9;border:1px solid #7cb342;padding:.6em 1em}code{background:#f4f4f4;padding:0 .2em}"""
+
+
+def html_table(header, rows, cls="numbers"):
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+
+
+def render_html(params, data, model, runs, provenance):
+    """The self-contained HTML report. `runs` maps device -> (train, evaluate, confusion, curves, mistakes PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    train, esc = params["train"], html.escape
+    if data["full_mnist"]:
+        banner = (f'<p class="ok">Data: full MNIST, {data["train_images"]:,} training and '
+                  f'{data["test_images"]:,} test images (source: {esc(data["source"])}).</p>')
+    else:
+        banner = (f'<p class="warn">WARNING: trained on the {data["train_images"] + data["test_images"]:,}-image '
+                  f"SAMPLE of MNIST, not the full data set. Figures are not comparable with the seed's. "
+                  f"Provide the data (see README) and run <code>dvc repro -f fetch &amp;&amp; dvc repro</code>.</p>")
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>MNIST CNN report</title>"
+             f"<style>{CSS}</style></head><body><h1>MNIST CNN: training report</h1>", banner,
+             html_table(["provenance", ""], provenance, cls="text"), "<h2>Our numbers beside the seed's</h2>",
+             html_table(["run", "test accuracy", f"fit time, {train.epochs} epochs", "device"],
+                        [["seed notebook (published, 5 epochs)", f"{SEED_FIGURES['test_accuracy']:.1%}",
+                          f"{SEED_FIGURES['fit_time_s']} s", SEED_FIGURES["device_name"]]]
+                        + [[f"ours, {d}", f"{ev['test']['accuracy']:.2%}", f"{t['fit_time_s']:.1f} s",
+                            t["device_name"]] for d, (t, ev, *_) in runs.items()])]
+    if len(runs) > 1:
+        parts.append(f"<img alt='fit time per device' src='{png_data_uri(fit_time_figure(runs))}'>")
+    arch = params["model"]
+    parts += [f"<h2>Model</h2><p>{model['weights']:,} weights; L2 penalty conv {arch.l2.conv}, dense "
+              f"{arch.l2.dense}; dropout {arch.dropout}; Keras backend <code>{esc(params['base'].backend)}"
+              f"</code>; preprocessing <code>{esc(params['preprocess'].procedure)}</code>.</p>",
+              html_table(["setting", "value"], [[k, v] for k, v in train.model_dump().items()
+                                                if k not in ("cpu", "gpu")])]
+    for device, (t, ev, conf, curves, mistakes) in runs.items():
+        test = ev["test"]
+        parts += [f"<h2>{device} model</h2>",
+                  f"<p>Test accuracy <b>{test['accuracy']:.2%}</b>, loss {test['loss']:.4f}, "
+                  f"{test['errors']} errors in {test['images']:,} images; fit {t['fit_time_s']:.1f} s on "
+                  f"{esc(t['device_name'])}.</p>",
+                  f"<img alt='{device} training curves' src='{png_data_uri(curves_figure(device, curves))}'>",
+                  f"<img alt='{device} confusion matrix' src='{png_data_uri(confusion_figure(device, conf))}'>",
+                  html_table(["digit", "precision", "recall"],
+                             [[d, f"{c['precision']:.4f}", f"{c['recall']:.4f}"] for d, c in ev["per_class"].items()]),
+                  f"<h3>The most confident mistakes ({device})</h3>",
+                  f"<img alt='{device} most confident mistakes' "
+                  f"src='data:image/png;base64,{base64.b64encode(mistakes).decode()}'>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the stages' metrics")
-    parser.add_argument("--plots", type=Path, required=True, help="folder of evaluate's predictions")
+    parser.add_argument("--plots", type=Path, required=True, help="folder of evaluate's predictions and images")
+    parser.add_argument("--live", type=Path, required=True, help="folder of train's DVCLive logs")
     parser.add_argument("--summary", type=Path, required=True, help="build_init_weights's layer table")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.html")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, preprocess=PreprocessParams,
                          model=ModelParams, train=TrainParams)
 
-    runs = {d: (read_json(args.metrics / f"train_{d}.json"), read_json(args.metrics / f"evaluate_{d}.json"),
-                confusion_from_csv(args.plots / f"predictions_{d}.csv"))
-            for d in params["train"].devices}
     try:
         summary = args.summary.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{args.summary} not found: run `dvc repro` to make it") from None
-    text = render(params, read_json(args.metrics / "data.json"), read_json(args.metrics / "model.json"),
-                  summary, runs)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(text)
-    print(f"wrote {args.out}")
+        runs = {d: (read_json(args.metrics / f"train_{d}.json"), read_json(args.metrics / f"evaluate_{d}.json"),
+                    confusion_from_csv(args.plots / f"predictions_{d}.csv"), read_curves(args.live / f"train_{d}"),
+                    (args.plots / f"mistakes_{d}.png").read_bytes())
+                for d in params["train"].devices}
+    except FileNotFoundError as err:
+        raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
+    data, model = read_json(args.metrics / "data.json"), read_json(args.metrics / "model.json")
+    provenance = [["data", f"{data['source']} ({'full MNIST' if data['full_mnist'] else 'SAMPLE'})"],
+                  ["code version", code_version()],
+                  ["devices", "; ".join(f"{d}: {t['device_name']} ({t['cpu_model']})" for d, (t, *_) in runs.items())],
+                  ["libraries", ", ".join(f"{k} {v}" for k, v in versions(runs).items())]]
+    markdown = render(params, data, model, summary, {d: r[:3] for d, r in runs.items()})
+    page = render_html(params, data, model, runs, provenance)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "report.md") as md, atomic_path(args.out / "report.html") as page_file:
+        md.write_text(markdown)
+        page_file.write_text(page)
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
 
 
 if __name__ == "__main__":

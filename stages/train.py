@@ -1,13 +1,15 @@
 """train: fit the CNN from the shared initial weights, on one device.
 
     python -m stages.train --device cpu --data data/processed --init models/init \
-        --out models/cpu --metrics metrics/train_cpu.json --history plots/history_cpu.csv
+        --out models/cpu --metrics metrics/train_cpu.json --live dvclive/train_cpu
 
 dvc.yaml runs it once per entry of train.devices (stages train@cpu, train@gpu).
 --device gpu fails unless the backend sees a GPU, and after training the
 weights' actual placement is checked, so a run is never labeled GPU that ran
 on a CPU. Writes the trained model (model.keras) with the params it was
-trained with (params.json), timings and final metrics, and a per-epoch history.
+trained with (params.json), timings and final metrics, and through DVCLive one
+line per epoch of loss, accuracy (and their validation twins when
+train.validation_split > 0), learning rate and epoch time.
 """
 
 import argparse
@@ -44,9 +46,14 @@ class TrainParams(Strict):
     batch_size: PositiveInt
     optimizer: Literal["rmsprop", "sgd", "adam"]
     learning_rate: PositiveFloat
+    lr_schedule: Literal["constant", "exponential", "step", "cosine"]
+    lr_decay_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    lr_decay_epochs: PositiveFloat
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
+    nesterov: bool
     loss: Literal[SPARSE_LOSSES + ONE_HOT_LOSSES]
     shuffle: bool
+    validation_split: Annotated[float, Field(ge=0.0, lt=1.0)]
     cpu: CpuParams
     gpu: GpuParams
 
@@ -57,6 +64,8 @@ def check_train(train, backend):
         raise UserError(f"params.yaml: train.devices = {train.devices}: list each device once")
     if train.optimizer == "adam" and train.momentum:
         raise UserError("params.yaml: train.momentum applies to rmsprop and sgd; set it to 0.0 for adam")
+    if train.nesterov and not (train.optimizer == "sgd" and train.momentum):
+        raise UserError("params.yaml: train.nesterov applies to sgd with momentum > 0; set it to false")
     if backend == "jax" and (train.cpu.intra_op_threads or train.cpu.inter_op_threads):
         raise UserError("params.yaml: train.cpu.*_threads are applied on tensorflow and torch only; "
                         "set them to 0 for jax")
@@ -145,12 +154,53 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def make_optimizer(keras, train):
+def learning_rate(keras, train, steps_per_epoch):
+    """A float, or a Keras schedule over optimizer steps (batches), from train.lr_*.
+
+    exponential: lr * rate ** (epochs done), smoothly; step: the same, in whole
+    steps of lr_decay_epochs; cosine: from lr down to 0 over all epochs.
+    """
+    decay_steps = max(1, round(train.lr_decay_epochs * steps_per_epoch))
+    schedules = keras.optimizers.schedules
+    if train.lr_schedule == "constant":
+        return train.learning_rate
+    if train.lr_schedule == "cosine":
+        return schedules.CosineDecay(train.learning_rate, decay_steps=train.epochs * steps_per_epoch)
+    return schedules.ExponentialDecay(train.learning_rate, decay_steps=decay_steps,
+                                      decay_rate=train.lr_decay_rate, staircase=train.lr_schedule == "step")
+
+
+def make_optimizer(keras, train, steps_per_epoch):
+    lr = learning_rate(keras, train, steps_per_epoch)
     if train.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=train.learning_rate, momentum=train.momentum)
+        return keras.optimizers.RMSprop(learning_rate=lr, momentum=train.momentum)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=train.learning_rate, momentum=train.momentum)
-    return keras.optimizers.Adam(learning_rate=train.learning_rate)
+        return keras.optimizers.SGD(learning_rate=lr, momentum=train.momentum, nesterov=train.nesterov)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def live_callback(keras, live):
+    """DVCLive's Keras callback; where TensorFlow is absent (JAX or PyTorch alone), the same on Keras.
+
+    dvclive.keras subclasses tf.keras.callbacks.Callback, so it imports
+    TensorFlow; the fallback logs the same names (train/loss, eval/loss, ...).
+    """
+    try:
+        from dvclive.keras import DVCLiveCallback
+        return DVCLiveCallback(live=live)
+    except ImportError:
+        from dvclive.utils import standardize_metric_name
+
+        class LiveCallback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                for name, value in (logs or {}).items():
+                    live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+                live.next_step()
+
+            def on_train_end(self, logs=None):
+                live.end()
+
+        return LiveCallback()
 
 
 def encode_labels(keras, y, loss):
@@ -158,33 +208,37 @@ def encode_labels(keras, y, loss):
     return y if loss in SPARSE_LOSSES else keras.utils.to_categorical(y, 10)
 
 
-def fit(keras, model, x, y, train):
-    """Compile and fit; return (per-epoch history dict, per-epoch seconds, fit seconds)."""
+def fit_size(n_images, validation_split):
+    """How many images are fitted on: Keras holds out the last validation_split of them."""
+    return n_images - int(n_images * validation_split)
+
+
+def fit(keras, model, x, y, train, live):
+    """Compile and fit, logging each epoch to `live`; return (history dict, per-epoch seconds, fit seconds)."""
     accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES
                 else keras.metrics.CategoricalAccuracy)(name="accuracy")
-    model.compile(optimizer=make_optimizer(keras, train), loss=train.loss, metrics=[accuracy])
+    steps_per_epoch = -(-fit_size(len(x), train.validation_split) // train.batch_size)
+    model.compile(optimizer=make_optimizer(keras, train, steps_per_epoch), loss=train.loss, metrics=[accuracy])
 
     epoch_s = []
 
-    class EpochTimer(keras.callbacks.Callback):
+    class EpochLog(keras.callbacks.Callback):
+        """Adds epoch time and the learning rate in force at the epoch's end to the logs."""
+
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             epoch_s.append(time.perf_counter() - self.start)
+            logs["epoch_time_s"] = epoch_s[-1]
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
     start = time.perf_counter()
     history = model.fit(x, encode_labels(keras, y, train.loss), batch_size=train.batch_size,
                         epochs=train.epochs, shuffle=train.shuffle, verbose=2,
-                        callbacks=[EpochTimer()])
+                        validation_split=train.validation_split,
+                        callbacks=[EpochLog(), live_callback(keras, live)])
     return history.history, epoch_s, time.perf_counter() - start
-
-
-def history_csv(history, epoch_s):
-    rows = ["epoch,loss,accuracy,epoch_time_s"]
-    for i, seconds in enumerate(epoch_s):
-        rows.append(f"{i + 1},{history['loss'][i]:.6f},{history['accuracy'][i]:.6f},{seconds:.3f}")
-    return "\n".join(rows) + "\n"
 
 
 def main(argv=None):
@@ -194,7 +248,7 @@ def main(argv=None):
     parser.add_argument("--init", type=Path, required=True, help="build_init_weights's folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained model")
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV")
+    parser.add_argument("--live", type=Path, required=True, help="DVCLive folder for the per-epoch log")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, train=TrainParams)
@@ -215,33 +269,39 @@ def main(argv=None):
     print(f"train on {args.device} ({device_name}, {base.backend}): {x.shape[0]} images, "
           f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}")
 
-    history, epoch_s, fit_s = fit(keras, model, x, y, train)
-    where = placement(model.weights[0])
-    if on_gpu(where) != (args.device == "gpu"):
-        raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
-                        f"refusing to record this run as {args.device}")
+    from dvclive import Live
 
-    metrics = {
-        "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
-        "backend": base.backend, "backend_version": backend_version(base.backend),
-        "keras_version": keras.__version__,
-        "train_images": int(x.shape[0]), "epochs": train.epochs, "batch_size": train.batch_size,
-        "fit_time_s": round(fit_s, 3), "time_per_epoch_s": round(fit_s / train.epochs, 3),
-        "first_epoch_s": round(epoch_s[0], 3),
-        "samples_per_s": round(x.shape[0] * train.epochs / fit_s, 1),
-        "final_loss": float(history["loss"][-1]), "final_accuracy": float(history["accuracy"][-1]),
-    }
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        model.save(tmp / "model.keras")
-        (tmp / "params.json").write_text(json.dumps(
-            {"base": base.model_dump(), "train": train.model_dump(), "device": args.device}, indent=2) + "\n")
-    with atomic_path(args.history) as tmp:
-        tmp.write_text(history_csv(history, epoch_s))
-    write_json(args.metrics, metrics)
+    with atomic_path(args.live) as live_dir:  # renamed into place last, once all else is written
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        history, epoch_s, fit_s = fit(keras, model, x, y, train, live)
+        n_fit = fit_size(len(x), train.validation_split)
+        where = placement(model.weights[0])
+        if on_gpu(where) != (args.device == "gpu"):
+            raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
+                            f"refusing to record this run as {args.device}")
+
+        metrics = {
+            "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
+            "backend": base.backend, "backend_version": backend_version(base.backend),
+            "keras_version": keras.__version__,
+            "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
+            "fit_time_s": round(fit_s, 3), "time_per_epoch_s": round(fit_s / train.epochs, 3),
+            "first_epoch_s": round(epoch_s[0], 3),
+            "samples_per_s": round(n_fit * train.epochs / fit_s, 1),
+            "final_loss": float(history["loss"][-1]), "final_accuracy": float(history["accuracy"][-1]),
+        }
+        if train.validation_split:
+            metrics["final_val_loss"] = float(history["val_loss"][-1])
+            metrics["final_val_accuracy"] = float(history["val_accuracy"][-1])
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            model.save(tmp / "model.keras")
+            (tmp / "params.json").write_text(json.dumps(
+                {"base": base.model_dump(), "train": train.model_dump(), "device": args.device}, indent=2) + "\n")
+        write_json(args.metrics, metrics)
     print(f"fit {fit_s:.1f} s on {device_name} ({metrics['samples_per_s']:.0f} images/s), "
           f"final accuracy {metrics['final_accuracy']:.4f}")
-    print(f"wrote {args.out}/model.keras, {args.metrics}, {args.history}")
+    print(f"wrote {args.out}/model.keras, {args.metrics}, {args.live}/")
 
 
 def backend_version(backend):

@@ -14,6 +14,7 @@ def default_model():
 def test_the_seed_architecture_has_96844_weights():
     model = default_model()
     assert biw.count_weights(model) == 96_844
+    assert biw.describe(model) == "conv32(3x3,pool2) conv64(3x3,pool2) conv64(3x3) dense70 softmax"
     assert biw.check_architecture(model) == 3  # last feature map 3x3 (3*3*64 = 576 into Flatten)
 
 
@@ -24,8 +25,8 @@ def test_the_seed_architecture_has_96844_weights():
      {"d1": {"units": 12, "activation": "tanh"}, "d2": {"units": 7, "activation": "sigmoid"}}),
 ])
 def test_keras_agrees_with_the_count_from_params(conv, dense):
-    model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid"},
-                     biw.ModelParams, "model")
+    model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid",
+                      "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3}, biw.ModelParams, "model")
     keras = import_keras("tensorflow", device="cpu")
     assert biw.build_model(keras, model).count_params() == biw.count_weights(model)
 
@@ -35,7 +36,7 @@ def shrinking(kernel, pool):
         "c1": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 28 -> 24 -> 12
         "c2": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 12 -> 8 -> 4
         "c3": {"filters": 4, "kernel_size": kernel, "activation": "relu", "pool_size": pool}},
-        "dense_layers": {}, "output_activation": "softmax"}
+        "dense_layers": {}, "output_activation": "softmax", "l2": {"conv": 0.0, "dense": 0.0}, "dropout": 0.0}
 
 
 @pytest.mark.parametrize("kernel, pool, key", [(5, None, "c3.kernel_size"), (3, 3, "c3.pool_size")])
@@ -65,6 +66,18 @@ def test_bad_model_params_are_one_line_errors(tmp_path, change, message):
         biw.main(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"), "--params", str(p)])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "init").exists()
+
+
+def test_l2_and_dropout_add_penalties_and_layers_but_no_weights():
+    keras = import_keras("tensorflow", device="cpu")
+    plain = default_model()
+    regular = plain.model_copy(update={"l2": biw.L2Params(conv=0.001, dense=0.01), "dropout": 0.25})
+    a, b = biw.build_model(keras, plain), biw.build_model(keras, regular)
+    assert a.count_params() == b.count_params() == 96_844
+    assert [layer.name for layer in b.layers if "dropout" in layer.name] == ["dense1_dropout", "output_dropout"]
+    assert len(a.losses) == 0 and len(b.losses) == 5  # one L2 penalty per kernel: 3 conv, 2 dense
+    assert b.get_layer("conv1").kernel_regularizer.l2 == pytest.approx(0.001)
+    assert b.get_layer("output").kernel_regularizer.l2 == pytest.approx(0.01)
 
 
 def test_initial_weights_are_glorot_uniform_and_zero_biases():

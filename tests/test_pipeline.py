@@ -52,13 +52,18 @@ def project(tmp_path_factory):
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
     dvc(project, "config", "core.analytics", "false")
+    commit(project, "the project, as cloned")  # DVCLive fails in a git repo without commits
     first = dvc(project, "repro")
     assert ran(first) == ALL_CPU_STAGES, first.stdout
     assert "NOT THE FULL MNIST" in first.stderr  # the fallback is loud
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
+    commit(project, "baseline run")
     return project
+
+
+def commit(project, message):
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message],
+                   cwd=project, check=True)
 
 
 def test_second_repro_runs_nothing(project):
@@ -188,7 +193,7 @@ def test_params_yaml_is_valid_for_every_stage():
 
 
 def test_an_experiment_runs_and_shows_beside_the_baseline(project):
-    """Last in this module: `dvc exp run` applies its result to the workspace; it is undone at the end."""
+    """`dvc exp run` applies its result to the workspace; undone at the end."""
     try:
         result = dvc(project, "exp", "run", "-S", "model.conv_blocks.conv1.filters=6", "-n", "wider")
         assert ran(result) == {"build_init_weights", "train@cpu", "evaluate@cpu", "report"}
@@ -197,3 +202,58 @@ def test_an_experiment_runs_and_shows_beside_the_baseline(project):
     finally:
         subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
         dvc(project, "repro")
+
+
+def readme_command(prefix):
+    """The README's command line that starts with `prefix`, as a list of words."""
+    import shlex
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip().startswith(prefix):
+            return shlex.split(line.strip().split("  #")[0])
+    raise AssertionError(f"README.md has no command starting with {prefix!r}")
+
+
+def test_the_readmes_queued_optimizer_sweep(project):
+    """The README's sweep, as written: queue three optimizers, run the queue, show the readable table."""
+    import time
+    dvc(project, *readme_command("dvc exp run --queue")[1:])
+    dvc(project, "queue", "start")
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", dvc(project, "queue", "status").stdout):
+        assert time.monotonic() < deadline, "the queue did not finish in 10 minutes"
+        time.sleep(2)
+    assert dvc(project, "queue", "status").stdout.count("Success") == 3
+    table = dvc(project, *readme_command("dvc exp show --drop")[1:], "--md").stdout
+    header, _, *rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("|")]
+    columns = [c.strip() for c in header]
+    assert {"train.optimizer", "test.accuracy", "fit_time_s", "architecture", "train.epochs"} <= set(columns)
+    optimizers = {row[columns.index("train.optimizer")].strip() for row in rows}
+    assert {"rmsprop", "adam", "sgd"} <= optimizers and len(columns) <= 10
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_report_html_renders_offline_in_a_real_browser(project, tmp_path):
+    """Headless Chromium, network off: every image loads, no console errors, the warning shows."""
+    from playwright.sync_api import sync_playwright
+
+    page_file = project / "reports" / "report.html"
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        context = browser.new_context(offline=True)
+        page = context.new_page()
+        page.on("console", lambda msg: msg.type in ("error", "warning") and problems.append(msg.text))
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.on("requestfailed", lambda req: problems.append(f"failed: {req.url}"))
+        page.goto(page_file.as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert problems == []
+    assert len(images) == 3 and all(ok for _, ok in images), images  # curves, confusion, mistakes
+    assert "WARNING: trained on the 7,000-image SAMPLE" in text and "Test accuracy" in text

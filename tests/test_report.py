@@ -20,6 +20,16 @@ def fake_run_files(folder, device, fit_time_s, accuracy):
         "per_class": {str(d): {"precision": 1.0, "recall": 1.0} for d in range(10)}}))
     rows = ["index,actual,predicted,confidence", "0,7,7,0.99", "1,2,2,0.98", "2,1,1,0.97", "3,4,9,0.60"]
     (folder / "plots" / f"predictions_{device}.csv").write_text("\n".join(rows) + "\n")
+    (folder / "plots" / f"mistakes_{device}.png").write_bytes(PNG_1x1)
+    curves = folder / "dvclive" / f"train_{device}" / "plots" / "metrics"
+    for split, metric in [("train", "loss"), ("train", "accuracy"), ("train", "learning_rate"), ("eval", "loss")]:
+        (curves / split).mkdir(parents=True, exist_ok=True)
+        (curves / split / f"{metric}.tsv").write_text(f"step\t{metric}\n0\t0.5\n1\t0.25\n")
+
+
+# The smallest valid PNG (1x1, grey), standing in for evaluate's picture of mistakes.
+PNG_1x1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+                        "3a7e9b550000000a4944415478da63600000000200015b8e45b20000000049454e44ae426082")
 
 
 def run_report(tmp_path, devices, full=True):
@@ -30,10 +40,10 @@ def run_report(tmp_path, devices, full=True):
     (tmp_path / "metrics" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 8}))
     (tmp_path / "summary.md").write_text("| layer | type |\n|---|---|\n| conv1 | Conv2D |\n")
     p = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": devices}))
-    out = tmp_path / "report.md"
     report.main(["--metrics", str(tmp_path / "metrics"), "--plots", str(tmp_path / "plots"),
-                 "--summary", str(tmp_path / "summary.md"), "--out", str(out), "--params", str(p)])
-    return out.read_text()
+                 "--live", str(tmp_path / "dvclive"), "--summary", str(tmp_path / "summary.md"),
+                 "--out", str(tmp_path / "reports"), "--params", str(p)])
+    return (tmp_path / "reports" / "report.md").read_text()
 
 
 def test_cpu_and_gpu_side_by_side_beside_the_seed(tmp_path):
@@ -59,6 +69,19 @@ def test_a_device_that_did_not_run_is_an_error_not_a_blank(tmp_path):
     fake_run_files(tmp_path, "cpu", 50.0, 1.0)
     with pytest.raises(UserError, match="train_gpu.json not found: run `dvc repro`"):
         run_report(tmp_path, ["cpu", "gpu"])
+    assert not (tmp_path / "reports" / "report.md").exists()
+
+
+def test_the_html_page_is_self_contained_and_says_what_ran(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 0.75)
+    fake_run_files(tmp_path, "gpu", 5.0, 0.75)
+    run_report(tmp_path, ["cpu", "gpu"], full=False)
+    page = (tmp_path / "reports" / "report.html").read_text()
+    assert "WARNING: trained on the 7,000-image SAMPLE" in page
+    assert page.count("<img ") == 7  # fit-time chart, then curves, confusion and mistakes per device
+    assert page.count("src='data:image/png;base64,") == 7  # every image embedded: nothing to fetch
+    assert "http://" not in page and "https://" not in page
+    assert "code version" in page and "keras 3.15.1" in page and "cpu: cpu name (Test CPU)" in page
 
 
 def test_the_committed_report_is_from_the_full_data():

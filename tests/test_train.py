@@ -31,7 +31,7 @@ def run_train(prepared, tmp_path, device="cpu", **overrides):
     p = write_params(tmp_path / "params.yaml", tiny_params(**overrides))
     out = tmp_path / device
     train.main(["--device", device, "--data", str(prepared / "data"), "--init", str(prepared / "init"),
-                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
+                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live"),
                 "--params", str(p)])
     return out, json.loads((tmp_path / "m.json").read_text())
 
@@ -47,8 +47,12 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
     assert m_a["device"] == "cpu" and "CPU" in m_a["placement"] and m_a["backend"] == "tensorflow"
     assert m_a["train_images"] == 1000 and m_a["epochs"] == 2 and m_a["fit_time_s"] > 0
     assert m_a["samples_per_s"] == pytest.approx(2000 / m_a["fit_time_s"], rel=0.01)
-    history = (tmp_path / "a" / "h.csv").read_text().splitlines()
-    assert history[0] == "epoch,loss,accuracy,epoch_time_s" and len(history) == 3
+    live = tmp_path / "a" / "live"
+    loss = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and len(loss) == 3  # one line per epoch, through DVCLive
+    assert float(loss[2].split("\t")[1]) == pytest.approx(m_a["final_loss"])
+    assert json.loads((live / "metrics.json").read_text())["train"]["accuracy"] == pytest.approx(m_a["final_accuracy"])
+    assert not (live / "plots" / "metrics" / "eval").exists()  # no validation split, no validation curves
     saved = json.loads((out_a / "params.json").read_text())
     assert saved["train"]["epochs"] == 2 and saved["device"] == "cpu"
 
@@ -65,7 +69,34 @@ def test_other_settings_train_differently_from_the_same_start(prepared, tmp_path
 def test_gpu_without_a_gpu_fails_loudly_and_writes_nothing(prepared, tmp_path):
     with pytest.raises(UserError, match="train.devices includes 'gpu' but tensorflow sees no GPU"):
         run_train(prepared, tmp_path, device="gpu")
-    assert not (tmp_path / "gpu").exists() and not (tmp_path / "m.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_sequels_options_validation_schedule_nesterov(prepared, tmp_path):
+    _, m = run_train(prepared, tmp_path, **{
+        "train.epochs": 3, "train.validation_split": 0.2, "train.optimizer": "sgd", "train.momentum": 0.9,
+        "train.nesterov": True, "train.learning_rate": 0.05, "train.lr_schedule": "step",
+        "train.lr_decay_rate": 0.5, "train.lr_decay_epochs": 1.0})
+    curves = tmp_path / "live" / "plots" / "metrics"
+    lr = [float(line.split("\t")[1]) for line in (curves / "train" / "learning_rate.tsv").read_text().splitlines()[1:]]
+    assert lr == pytest.approx([0.025, 0.0125, 0.00625])  # halved after each epoch, as logged at its end
+    assert (curves / "eval" / "accuracy.tsv").is_file() and "final_val_accuracy" in m
+    assert m["train_images"] == 800  # 20 % of the 1,000 held out for validation
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.1, 0.1, 0.1, 0.1]),
+    ("exponential", [0.1, 0.1 * 0.5 ** 0.5, 0.05, 0.1 * 0.5 ** 1.5]),  # decay_epochs 2, 1 step per epoch
+    ("step", [0.1, 0.1, 0.05, 0.05]),
+    ("cosine", [0.1, 0.1 * (1 + np.cos(np.pi / 4)) / 2, 0.05, 0.1 * (1 + np.cos(3 * np.pi / 4)) / 2]),
+])
+def test_learning_rate_schedules(schedule, expected):
+    keras = import_keras("tensorflow", device="cpu")
+    params = validate(tiny_params(**{"train.learning_rate": 0.1, "train.epochs": 4, "train.lr_schedule": schedule,
+                                     "train.lr_decay_epochs": 2.0})["train"], train.TrainParams, "train")
+    lr = train.learning_rate(keras, params, steps_per_epoch=1)
+    values = [float(lr(step)) if callable(lr) else lr for step in range(4)]
+    assert values == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -76,6 +107,9 @@ def test_gpu_without_a_gpu_fails_loudly_and_writes_nothing(prepared, tmp_path):
     ({"train.devices": ["tpu"]}, "train.devices.0 = 'tpu'"),
     ({"train.epocs": 3}, "unknown key train.epocs; allowed here: devices, epochs"),
     ({"train.shuffle": "yes"}, "train.shuffle = 'yes': Input should be a valid boolean"),
+    ({"train.nesterov": True}, "train.nesterov applies to sgd with momentum > 0"),
+    ({"train.lr_schedule": "linear"}, "train.lr_schedule = 'linear'"),
+    ({"train.validation_split": 1.0}, "train.validation_split = 1.0: Input should be less than 1"),
 ])
 def test_bad_train_params(tmp_path, change, message):
     params = tiny_params(**change)
