@@ -1,0 +1,222 @@
+"""The speed benchmark: our train@cpu against the seed notebook's code, and the pipeline's own overhead.
+
+    MNIST_NPZ=/path/to/mnist.npz python bench/speed.py [--quick] [--repeats 3] [--out bench/results.json]
+
+In a temporary copy of the project, on the full MNIST (it refuses the sample):
+  1. a fresh end-to-end `dvc repro`, a no-op `dvc repro`, and an evaluate-only
+     params change, each timed;
+  2. the reference (bench/reference.py, the notebook's procedure) and our
+     train stage at the seed's settings (the default params), from the same
+     initial weights and data, alternating A B A B ... so that a slow phase of
+     the machine hits both; medians of fit time, samples/s, peak RSS of the
+     training process, and test accuracy of each;
+  3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %.
+Writes everything to a JSON file and prints a table. --quick: one run of each.
+Not a test: it asserts nothing, it measures.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ["stages", "bench", "data/sample", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
+# dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
+ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+TARGETS = {"fit_ratio": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800, "fast_fit_s": 12.0,
+           "noop_repro_s": 3.0, "fresh_overhead_s": 20.0, "evaluate_change_s": 15.0}
+
+
+def sh(args, cwd, log):
+    """Run a command, its output appended to `log`; return (wall seconds, peak RSS of the process in MB)."""
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(map(str, args))}\n")
+        out.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def make_project(work):
+    """A git + DVC copy of the project (DVCLive wants a commit) in `work`."""
+    for name in COPY:
+        src, dst = ROOT / name, work / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "results*.json"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                 ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+        subprocess.run(args, cwd=work, check=True, capture_output=True)
+
+
+def set_params(path, overrides):
+    """Write params.yaml with dotted-key overrides applied."""
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        if last not in node:
+            sys.exit(f"bench: params-fast.yaml names {dotted}, which params.yaml lacks")
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_ours(work, params, tag, log):
+    """Our train stage on the CPU, then evaluate (untimed); returns the run's figures."""
+    out = work / "bench_runs" / tag
+    python = sys.executable
+    _, rss = sh([python, "-m", "stages.train", "--device", "cpu", "--data", "data/processed",
+                 "--init", "models/init", "--out", out / "model", "--metrics", out / "train.json",
+                 "--live", out / "live", "--params", params], work, log)
+    sh([python, "-m", "stages.evaluate", "--device", "cpu", "--data", "data/processed", "--model", out / "model",
+        "--metrics", out / "evaluate.json", "--predictions", out / "p.csv", "--mistakes", out / "m.png",
+        "--params", params], work, log)
+    train = json.loads((out / "train.json").read_text())
+    test = json.loads((out / "evaluate.json").read_text())["test"]
+    return {"fit_time_s": train["fit_time_s"], "samples_per_s": train["samples_per_s"],
+            "test_accuracy": test["accuracy"], "peak_rss_mb": rss}
+
+
+def run_reference(work, tag, log):
+    out = work / "bench_runs" / f"{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _, rss = sh([sys.executable, "bench/reference.py", "--data", "data/processed", "--init", "models/init",
+                 "--out", out], work, log)
+    result = json.loads(out.read_text())
+    return {"fit_time_s": result["fit_time_s"], "samples_per_s": result["samples_per_s"],
+            "test_accuracy": result["test_accuracy"], "peak_rss_mb": rss}
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def median_of(runs):
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def overhead(work, log):
+    """Timings of the pipeline itself: fresh, no-op, evaluate-only change."""
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    fresh_s, _ = sh(dvc, work, log)
+    data = json.loads((work / "metrics" / "data.json").read_text())
+    if not data["full_mnist"]:
+        sys.exit("bench: the pipeline ran on the 7,000-image sample; give it the full MNIST "
+                 "(MNIST_NPZ=/path/to/mnist.npz, or the Keras cache) and run again")
+    fit_s = json.loads((work / "metrics" / "train_cpu.json").read_text())["fit_time_s"]
+    noop_s, _ = sh(dvc, work, log)
+    original = (work / "params.yaml").read_text()
+    set_params(work / "params.yaml", {"evaluate.batch_size": 500})
+    evaluate_s, _ = sh(dvc, work, log)
+    (work / "params.yaml").write_text(original)
+    return {"fresh_repro_s": fresh_s, "fresh_fit_s": fit_s, "fresh_overhead_s": fresh_s - fit_s,
+            "noop_repro_s": noop_s, "evaluate_change_s": evaluate_s}
+
+
+def table(result):
+    ref, ours, fast, pipe = result["reference"], result["ours"], result["fast_preset"], result["pipeline"]
+    t = TARGETS
+
+    def ok(flag):
+        return "yes" if flag else "NO"
+
+    rows = [
+        ("", "reference", "ours", "ours/ref", "target", "met"),
+        ("fit time, 5 epochs (s)", f"{ref['fit_time_s']:.1f}", f"{ours['fit_time_s']:.1f}",
+         f"{result['fit_ratio']:.2f}", f"<= {t['fit_ratio']}x", ok(result["fit_ratio"] <= t["fit_ratio"])),
+        ("samples/s", f"{ref['samples_per_s']:.0f}", f"{ours['samples_per_s']:.0f}",
+         f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}", "", ""),
+        ("test accuracy (%)", f"{100 * ref['test_accuracy']:.2f}", f"{100 * ours['test_accuracy']:.2f}",
+         f"{100 * (ours['test_accuracy'] - ref['test_accuracy']):+.2f} pt", f"within {t['accuracy_points']} pt",
+         ok(abs(ours["test_accuracy"] - ref["test_accuracy"]) * 100 <= t["accuracy_points"])),
+        ("peak RSS of training (MB)", f"{ref['peak_rss_mb']:.0f}", f"{ours['peak_rss_mb']:.0f}",
+         f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}", f"<= {t['train_rss_mb']} MB",
+         ok(ours["peak_rss_mb"] <= t["train_rss_mb"])),
+        ("fast preset: fit (s) / test acc (%)", "", f"{fast['fit_time_s']:.1f} / {100 * fast['test_accuracy']:.2f}",
+         "", f">= 99.0 % in <= {t['fast_fit_s']} s",
+         ok(fast["test_accuracy"] >= 0.99 and fast["fit_time_s"] <= t["fast_fit_s"])),
+        ("fast preset: time-to-99 % (s)", "", "-" if fast["time_to_99_s"] is None else f"{fast['time_to_99_s']:.1f}",
+         "", "", ""),
+        ("no-op dvc repro (s)", "", f"{pipe['noop_repro_s']:.1f}", "", f"<= {t['noop_repro_s']}",
+         ok(pipe["noop_repro_s"] <= t["noop_repro_s"])),
+        ("fresh dvc repro (s)", "", f"{pipe['fresh_repro_s']:.1f} (fit {pipe['fresh_fit_s']:.1f})", "",
+         f"<= fit + {t['fresh_overhead_s']:.0f}", ok(pipe["fresh_overhead_s"] <= t["fresh_overhead_s"])),
+        ("evaluate-only change (s)", "", f"{pipe['evaluate_change_s']:.1f}", "", f"<= {t['evaluate_change_s']}",
+         ok(pipe["evaluate_change_s"] <= t["evaluate_change_s"])),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one run of each instead of --repeats")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary project copy")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+
+    work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
+    log = work / "bench.log"
+    print(f"bench: working in {work} (log: {log})")
+    ok = False
+    try:
+        make_project(work)
+        print("bench: fresh dvc repro, no-op repro, evaluate-only change ...", flush=True)
+        pipeline = overhead(work, log)
+        reference, ours = [], []
+        for i in range(repeats):
+            print(f"bench: round {i + 1}/{repeats}: reference, then ours ...", flush=True)
+            reference.append(run_reference(work, f"reference{i}", log))
+            ours.append(run_ours(work, work / "params.yaml", f"ours{i}", log))
+        print("bench: fast preset ...", flush=True)
+        fast_params = work / "params-fast-applied.yaml"
+        shutil.copy(work / "params.yaml", fast_params)
+        set_params(fast_params, yaml.safe_load((work / "params-fast.yaml").read_text()))
+        fast = run_ours(work, fast_params, "fast", log)
+        fast["time_to_99_s"] = fast["fit_time_s"] if fast["test_accuracy"] >= 0.99 else None
+        ok = True
+    finally:
+        if ok and not args.keep:  # on failure the copy stays, with its log, for a look
+            shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "repeats": repeats, "targets": TARGETS,
+        "reference": median_of(reference), "ours": median_of(ours),
+        "fit_ratio": median_of(ours)["fit_time_s"] / median_of(reference)["fit_time_s"],
+        "runs": {"reference": reference, "ours": ours},
+        "fast_preset": fast, "pipeline": pipeline,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

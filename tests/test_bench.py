@@ -1,0 +1,53 @@
+"""The benchmark's pieces that can be checked without timing anything (it asserts no timing)."""
+
+import importlib.util
+import shlex
+
+import yaml
+
+from stages.common import validate
+from stages.train import TrainParams
+from tests.conftest import ROOT
+
+
+def load_speed():
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fast_preset():
+    return yaml.safe_load((ROOT / "params-fast.yaml").read_text())
+
+
+def test_the_fast_preset_is_valid_params(tmp_path):
+    speed = load_speed()
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    speed.set_params(params, fast_preset())
+    train = validate(yaml.safe_load(params.read_text())["train"], TrainParams, "train")
+    assert train.optimizer == "adam" and train.lr_schedule == "cosine"
+
+
+def test_the_readmes_fast_preset_command_is_the_preset():
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.strip().startswith("dvc exp run -n fast"))
+    words = shlex.split(line.strip())
+    pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]
+    assert {k: yaml.safe_load(v) for k, v in pairs} == fast_preset()
+
+
+def test_the_table_says_which_targets_hold():
+    speed = load_speed()
+    run = {"fit_time_s": 50.0, "samples_per_s": 6000.0, "test_accuracy": 0.990, "peak_rss_mb": 1200.0}
+    result = {"reference": run, "ours": dict(run, fit_time_s=25.0, test_accuracy=0.9905, peak_rss_mb=900.0),
+              "fit_ratio": 0.5,
+              "fast_preset": {"fit_time_s": 11.0, "test_accuracy": 0.9903, "time_to_99_s": 11.0},
+              "pipeline": {"noop_repro_s": 1.0, "fresh_repro_s": 40.0, "fresh_fit_s": 25.0,
+                           "fresh_overhead_s": 15.0, "evaluate_change_s": 9.0}}
+    lines = {line.split("  ")[0]: line for line in speed.table(result).splitlines()}
+    assert lines["fit time, 5 epochs (s)"].rstrip().endswith("yes")
+    assert lines["peak RSS of training (MB)"].rstrip().endswith("NO")  # 900 MB > 800 MB
+    assert "+0.05 pt" in lines["test accuracy (%)"]
+    assert lines["fast preset: fit (s) / test acc (%)"].rstrip().endswith("yes")
