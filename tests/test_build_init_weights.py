@@ -1,3 +1,7 @@
+import importlib.util
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import yaml
@@ -102,3 +106,16 @@ def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
     expected = biw.initial_weights([tuple(w.shape) for w in model.weights], seed=tiny_params()["base"]["seed"])
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), expected, strict=True))
     assert "| **total** |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)")
+def test_initial_weights_are_the_same_bytes_on_another_backend(tmp_path):
+    """The NumPy draw makes the initial weights backend-independent (a backend is fixed per process)."""
+    files = {}
+    for backend in ("tensorflow", "torch"):
+        p = write_params(tmp_path / f"{backend}.yaml", tiny_params(**{"base.backend": backend}))
+        subprocess.run([sys.executable, "-m", "stages.build_init_weights", "--out", str(tmp_path / backend),
+                        "--metrics", str(tmp_path / f"{backend}.json"), "--params", str(p)],
+                       cwd=ROOT, check=True, capture_output=True)
+        files[backend] = (tmp_path / backend / "initial.weights.h5").read_bytes()
+    assert files["tensorflow"] == files["torch"]
