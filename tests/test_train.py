@@ -123,6 +123,20 @@ def test_unknown_backend_is_refused(tmp_path, prepared):
         run_train(prepared, tmp_path, **{"base.backend": "theano"})
 
 
+def test_mixed_precision_changes_every_layer_but_input_and_output(prepared):
+    text = (prepared / "init" / "model.json").read_text()
+    assert train.with_precision(text, "float32") == text
+    layers = json.loads(train.with_precision(text, "mixed_bfloat16"))["config"]["layers"]
+    policies = {layer["config"]["name"]: layer["config"].get("dtype") for layer in layers}
+    assert policies["conv1"]["config"]["name"] == "mixed_bfloat16"
+    assert policies["dense1"]["config"]["name"] == "mixed_bfloat16"
+    assert policies["output"]["config"]["name"] == "float32"
+    keras = import_keras("tensorflow", device="cpu")
+    model = keras.models.model_from_json(train.with_precision(text, "mixed_bfloat16"))
+    model.load_weights(prepared / "init" / "initial.weights.h5")  # weights stay float32: the same file loads
+    assert model.get_layer("conv1").compute_dtype == "bfloat16" and model.get_layer("output").compute_dtype == "float32"
+
+
 def test_placement_names_the_device():
     assert train.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
     assert train.on_gpu("cuda:0") and train.on_gpu("cuda:0")
