@@ -30,6 +30,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python bench/speed.py`: make `stages` importable
+from stages.train import cpu_model  # noqa: E402
 COPY = ["stages", "bench", "data/sample", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -105,13 +107,6 @@ def run_reference(work, tag, log):
     result = json.loads(out.read_text())
     return {"fit_time_s": result["fit_time_s"], "samples_per_s": result["samples_per_s"],
             "test_accuracy": result["test_accuracy"], "peak_rss_mb": rss}
-
-
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def median_of(runs):

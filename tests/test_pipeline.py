@@ -145,17 +145,6 @@ def json_value(path_or_text, key):
     return json.loads(text)[key]
 
 
-def params_keys(section, prefix=""):
-    """Every leaf key of a params section, dotted."""
-    keys = set()
-    for key, value in section.items():
-        if isinstance(value, dict) and key not in ("conv_blocks", "dense_layers"):
-            keys |= params_keys(value, f"{prefix}{key}.")
-        else:
-            keys.add(f"{prefix}{key}")
-    return keys
-
-
 SCHEMAS = {
     "fetch": {"fetch": fetch.FetchParams},
     "preprocess": {"base": None, "preprocess": preprocess.PreprocessParams},
