@@ -3,9 +3,12 @@
     python -m stages.preprocess --raw data/raw --out data/processed
 
 Writes x_train.npy / x_test.npy (float32, N x 28 x 28 x 1), y_train.npy /
-y_test.npy (uint8 digits; one-hot, where a loss needs it, happens in training)
-and scaler.json: the fitted StandardScaler as plain numbers, so any tool can
-apply the same standardization without unpickling anything:
+y_test.npy (uint8 digits; one-hot, where a loss needs it, happens in training),
+pixels_train.npy (the training images before standardization, uint8, in the
+same shuffled order: a quarter of x_train.npy's memory, what train reads and
+standardizes on the fly, bit for bit as here) and scaler.json: the fitted
+StandardScaler as plain numbers, so any tool can apply the same
+standardization without unpickling anything:
     x_std = (x.reshape(-1, 784) - mean) / scale
 
 preprocess.procedure chooses how the data are split and scaled:
@@ -79,7 +82,7 @@ def preprocess(raw, procedure, seed):
     fit_on = x_train if procedure == "published_split" else np.concatenate([x_train, x_test])
     scaler = fit_scaler(fit_on)
     arrays = {
-        "x_train": standardize(x_train, scaler), "y_train": y_train,
+        "x_train": standardize(x_train, scaler), "y_train": y_train, "pixels_train": x_train,
         "x_test": standardize(x_test, scaler), "y_test": y_test,
     }
     return arrays, scaler_record(scaler, procedure)
@@ -110,7 +113,7 @@ def main(argv=None):
         (tmp / "scaler.json").write_text(json.dumps(scaler) + "\n")
     print(f"{procedure}: train {arrays['x_train'].shape}, test {arrays['x_test'].shape}, "
           f"scaler fitted on {scaler['n_samples_seen']} images")
-    print(f"wrote {args.out}/ (x_train, y_train, x_test, y_test .npy, scaler.json)")
+    print(f"wrote {args.out}/ (x_train, y_train, x_test, y_test, pixels_train .npy, scaler.json)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures: small real data from the committed sample, and params for tiny runs."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,17 @@ def tiny_params(**overrides):
             node = node[key]
         node[last] = value
     return params
+
+
+def write_processed(folder, raw, procedure="published_split", seed=0):
+    """Run preprocess on `raw` and save its arrays and scaler.json in `folder`, as the stage does; return both."""
+    from stages import preprocess
+    arrays, scaler = preprocess.preprocess(raw, procedure, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        np.save(folder / f"{name}.npy", arr)
+    (folder / "scaler.json").write_text(json.dumps(scaler))
+    return arrays, scaler
 
 
 def write_params(path, params):

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import build_init_weights, predict, preprocess, train
+from stages import build_init_weights, predict, train
 from stages.common import UserError, import_keras
-from tests.conftest import ROOT, SAMPLE, tiny_params, write_params
+from tests.conftest import ROOT, SAMPLE, tiny_params, write_params, write_processed
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
     with np.load(SAMPLE) as npz:
         raw = {name: npz[name] for name in npz.files}
-    arrays, scaler = preprocess.preprocess(raw, "published_split", seed=0)
-    (tmp / "data").mkdir()
-    for name, arr in arrays.items():
-        np.save(tmp / "data" / f"{name}.npy", arr)
-    (tmp / "data" / "scaler.json").write_text(json.dumps(scaler))
+    arrays, _ = write_processed(tmp / "data", raw)
     params = tiny_params(**{"train.epochs": 2, "train.batch_size": 64})
     params["model"] = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]  # the seed's CNN
     p = write_params(tmp / "params.yaml", params)

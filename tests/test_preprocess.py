@@ -65,7 +65,14 @@ def test_main_writes_outputs(tmp_path, sample_raw):
     p = write_params(tmp_path / "params.yaml", tiny_params())
     preprocess.main(["--raw", str(raw), "--out", str(tmp_path / "out"), "--params", str(p)])
     names = sorted(f.name for f in (tmp_path / "out").iterdir())
-    assert names == ["scaler.json", "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    assert names == ["pixels_train.npy", "scaler.json", "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    pixels, y = np.load(tmp_path / "out" / "pixels_train.npy"), np.load(tmp_path / "out" / "y_train.npy")
+    assert pixels.dtype == np.uint8 and pixels.shape == (6000, 28, 28)
+    # the same shuffled order as x_train.npy and y_train.npy: a permutation of the raw images with their labels
+    order = np.lexsort(pixels.reshape(6000, -1).T)
+    ref = np.lexsort(sample_raw["x_train"].reshape(6000, -1).T)
+    assert np.array_equal(pixels[order], sample_raw["x_train"][ref])
+    assert np.array_equal(y[order], sample_raw["y_train"][ref])
 
 
 def test_unknown_procedure_is_a_one_line_error(tmp_path):

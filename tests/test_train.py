@@ -1,13 +1,17 @@
 """Training on small real data: settings, determinism, and the GPU rule."""
 
+import importlib.util
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from stages import build_init_weights, preprocess, train
 from stages.common import UserError, import_keras, validate
-from tests.conftest import tiny_params, write_params
+from tests.conftest import ROOT, tiny_params, write_params, write_processed
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +21,7 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     with np.load(SAMPLE) as npz:
         raw = {name: npz[name][:1000] for name in npz.files}
-    arrays, _ = preprocess.preprocess(raw, "published_split", seed=0)
-    (tmp / "data").mkdir()
-    for name, arr in arrays.items():
-        np.save(tmp / "data" / f"{name}.npy", arr)
+    write_processed(tmp / "data", raw)
     p = write_params(tmp / "params.yaml", tiny_params())
     build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"), "--params", str(p)])
     return tmp
@@ -55,6 +56,95 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
     assert not (live / "plots" / "metrics" / "eval").exists()  # no validation split, no validation curves
     saved = json.loads((out_a / "params.json").read_text())
     assert saved["train"]["epochs"] == 2 and saved["device"] == "cpu"
+
+
+@pytest.mark.parametrize("procedure", ["published_split", "pooled_resplit"])
+def test_the_lookup_standardizes_pixels_exactly_as_preprocess(sample_raw, procedure):
+    arrays, scaler = preprocess.preprocess(sample_raw, procedure, seed=0)
+    table = train.standardize_table(json.loads(json.dumps(scaler)))  # through JSON, as the stage reads it
+    looked_up = train.lookup(table, arrays["pixels_train"])
+    assert looked_up.dtype == np.float32
+    assert np.array_equal(looked_up, arrays["x_train"].reshape(len(looked_up), -1))  # bit for bit
+
+
+def test_fitting_on_pixels_trains_exactly_as_fitting_on_the_standardized_images(prepared):
+    """The lookup wrapper changes what fit is fed, not what it computes: the same weights, bit for bit."""
+    keras = import_keras("tensorflow", device="cpu")
+    params = validate(tiny_params()["train"], train.TrainParams, "train")
+    train.set_up_device("tensorflow", "cpu", params.cpu, params.gpu)  # op determinism, as the stage
+    data = prepared / "data"
+    table = train.standardize_table(json.loads((data / "scaler.json").read_text()))
+    y = keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
+
+    def fit_from_the_start(on_pixels):
+        keras.utils.set_random_seed(0)
+        model = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
+        model.load_weights(prepared / "init" / "initial.weights.h5")
+        net = train.standardizing(keras, model, table) if on_pixels else model
+        net.compile(optimizer="rmsprop", loss="categorical_crossentropy")
+        x = np.load(data / ("pixels_train.npy" if on_pixels else "x_train.npy"))
+        net.fit(x, y, batch_size=128, epochs=2, shuffle=True, verbose=0)
+        return model.get_weights()
+
+    on_pixels, on_images = fit_from_the_start(True), fit_from_the_start(False)
+    initial = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
+    initial.load_weights(prepared / "init" / "initial.weights.h5")
+    assert not np.array_equal(on_pixels[0], initial.get_weights()[0])  # it trained
+    assert all(np.array_equal(a, b) for a, b in zip(on_pixels, on_images, strict=True))
+
+
+def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "data", data)
+    pixels = np.load(data / "pixels_train.npy")
+    pixels[3, 14, 14] ^= 1  # one pixel of one image: x_train.npy no longer follows from it
+    np.save(data / "pixels_train.npy", pixels)
+    p = write_params(tmp_path / "params.yaml", tiny_params())
+    args = ["--device", "cpu", "--data", str(data), "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"),
+            "--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live"), "--params", str(p)]
+    with pytest.raises(UserError, match=r"pixels_train.npy and scaler.json do not give x_train.npy's values: "
+                                        r"run `dvc repro -f preprocess`"):
+        train.main(args)
+    np.save(data / "pixels_train.npy", pixels[:10].astype(np.float32))
+    with pytest.raises(UserError, match=r"pixels_train.npy \(float32, \(10, 28, 28\)\) does not match"):
+        train.main(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # nothing written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)")
+def test_training_on_the_torch_backend(prepared, tmp_path):
+    """Another backend (a process has one) runs the same stage, lookup included: the GPU path's code on a CPU."""
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"base.backend": "torch", "train.epochs": 2}))
+    subprocess.run([sys.executable, "-m", "stages.train", "--device", "cpu", "--data", str(prepared / "data"),
+                    "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"), "--metrics",
+                    str(tmp_path / "m.json"), "--live", str(tmp_path / "live"), "--params", str(p)],
+                   cwd=ROOT, check=True, capture_output=True)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["backend"] == "torch" and m["placement"] == "cpu" and m["train_images"] == 1000
+    assert m["final_accuracy"] > 0.2  # it learns: 16 steps of a tiny network; chance is 0.1
+
+
+LOOKUP_CHECK = """
+import json, sys
+import numpy as np
+from stages import train
+from stages.common import import_keras
+keras = import_keras(sys.argv[1], device="cpu")
+data = sys.argv[2]
+table = train.standardize_table(json.load(open(data + "/scaler.json")))
+model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Identity()])
+out = keras.ops.convert_to_numpy(train.standardizing(keras, model, table)(np.load(data + "/pixels_train.npy")[:64]))
+print(np.array_equal(out, np.load(data + "/x_train.npy")[:64]), out.dtype, out.shape)
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch", "jax"])
+def test_the_standardize_layer_gives_x_train_on_each_backend(prepared, backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    out = subprocess.run([sys.executable, "-c", LOOKUP_CHECK, backend, str(prepared / "data")],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["True", "float32", "(64,", "28,", "28,", "1)"]
 
 
 def test_other_settings_train_differently_from_the_same_start(prepared, tmp_path):
