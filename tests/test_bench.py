@@ -1,6 +1,7 @@
 """The benchmark's pieces that can be checked without timing anything (it asserts no timing)."""
 
 import importlib.util
+import re
 import shlex
 
 import yaml
@@ -45,9 +46,20 @@ def test_the_table_says_which_targets_hold():
               "fit_ratio": 0.5,
               "fast_preset": {"fit_time_s": 11.0, "test_accuracy": 0.9903, "time_to_99_s": 11.0},
               "pipeline": {"noop_repro_s": 1.0, "fresh_repro_s": 40.0, "fresh_fit_s": 25.0,
-                           "fresh_overhead_s": 15.0, "evaluate_change_s": 9.0}}
+                           "fresh_overhead_s": 15.0, "evaluate_change_s": 9.0},
+              "runs": {"reference": [run, dict(run, fit_time_s=60.0)], "ours": [dict(run, fit_time_s=25.0)]},
+              "ceiling": speed.ceiling([{"float32_gflops": 200.0, "bfloat16_gflops": 400.0},
+                                        {"float32_gflops": 160.0, "bfloat16_gflops": 410.0}],
+                                       train_flops_per_image=16e6, images=60_000, epochs=5, fast_epochs=2)}
     lines = {line.split("  ")[0]: line for line in speed.table(result).splitlines()}
     assert lines["fit time, 5 epochs (s)"].rstrip().endswith("yes")
     assert lines["peak RSS of training (MB)"].rstrip().endswith("NO")  # 900 MB > 800 MB
     assert "+0.05 pt" in lines["test accuracy (%)"]
     assert lines["fast preset: fit (s) / test acc (%)"].rstrip().endswith("yes")
+    rows = [re.split(r"\s{2,}", line.strip()) for line in speed.table(result).splitlines()]
+    cells = {row[0]: row[1:] for row in rows}
+    assert cells["fit time, 5 epochs (s)"][:2] == ["50.0 (50-60)", "25.0"]  # the median, then the runs' range
+    # the floor: 16 MFLOP x 60,000 x 5 at the best float32 rate measured (200 GFLOP/s) = 24 s
+    assert cells["floor: its FLOPs at matmul peak (s)"] == ["24.0", "24.0", "200 GFLOP/s"]
+    assert cells["share of that peak (%)"] == ["48", "96", "0.6x needs 80"]  # 24/50, 24/25; 48 % / 0.6
+    assert cells["fast preset floor at bf16 peak (s)"] == ["4.7", "410 GFLOP/s"]  # 16e6 x 60,000 x 2 / 410e9

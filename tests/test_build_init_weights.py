@@ -22,6 +22,13 @@ def test_the_seed_architecture_has_96844_weights():
     assert biw.check_architecture(model) == 3  # last feature map 3x3 (3*3*64 = 576 into Flatten)
 
 
+def test_training_flops_per_image_of_the_seed_architecture():
+    forward = {  # 2 x multiply-adds, layer by layer: output side^2 x kernel^2 x in x out channels
+        "conv1": 2 * 26 ** 2 * 9 * 1 * 32, "conv2": 2 * 11 ** 2 * 9 * 32 * 64, "conv3": 2 * 3 ** 2 * 9 * 64 * 64,
+        "dense1": 2 * 576 * 70, "output": 2 * 70 * 10}
+    assert biw.train_flops(default_model()) == 3 * sum(forward.values()) == 16_786_536  # the 16.8 M
+
+
 @pytest.mark.parametrize("conv, dense", [
     ({"a": {"filters": 8, "kernel_size": 5, "activation": "tanh", "pool_size": None}}, {}),
     ({"a": {"filters": 4, "kernel_size": 3, "activation": "elu", "pool_size": 3},
