@@ -16,6 +16,17 @@ def test_metrics_against_a_hand_count():
     assert m["per_class"]["9"] == {"precision": 0.0, "recall": 0.0}  # never seen, never predicted
 
 
+def test_precision_and_recall_agree_with_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 9, 500)  # no 9 present
+    pred = np.where(rng.random(500) < 0.7, y, rng.integers(0, 9, 500))  # nor predicted: both 0.0
+    pred[:3] = 8  # some digit predicted more often than present
+    ours = evaluate.precision_recall(y, pred)
+    theirs = precision_recall_fscore_support(y, pred, labels=list(range(10)), zero_division=0)[:2]
+    assert np.allclose(ours, theirs, rtol=0, atol=1e-15) and ours[0][9] == ours[1][9] == 0.0
+
+
 def test_cross_entropy_matches_keras():
     from stages.common import import_keras
     keras = import_keras("tensorflow", device="cpu")
