@@ -41,8 +41,10 @@ def test_the_readmes_fast_preset_command_is_the_preset():
 
 def test_the_table_says_which_targets_hold():
     speed = load_speed()
-    run = {"fit_time_s": 50.0, "samples_per_s": 6000.0, "test_accuracy": 0.990, "peak_rss_mb": 1200.0}
-    result = {"reference": run, "ours": dict(run, fit_time_s=25.0, test_accuracy=0.9905, peak_rss_mb=900.0),
+    run = {"fit_time_s": 50.0, "fit_cpu_s": 90.0, "samples_per_s": 6000.0, "test_accuracy": 0.990,
+           "peak_rss_mb": 1200.0}
+    result = {"machine": {"cores": 2}, "reference": run,
+              "ours": dict(run, fit_time_s=25.0, test_accuracy=0.9905, peak_rss_mb=900.0),
               "fit_ratio": 0.5,
               "fast_preset": {"fit_time_s": 11.0, "test_accuracy": 0.9903, "time_to_99_s": 11.0},
               "pipeline": {"noop_repro_s": 1.0, "fresh_repro_s": 40.0, "fresh_fit_s": 25.0,
@@ -58,6 +60,8 @@ def test_the_table_says_which_targets_hold():
     assert lines["fast preset: fit (s) / test acc (%)"].rstrip().endswith("yes")
     rows = [re.split(r"\s{2,}", line.strip()) for line in speed.table(result).splitlines()]
     cells = {row[0]: row[1:] for row in rows}
+    assert cells["CPU time in fit (s), all threads"] == ["90.0", "90.0", "1.00"]
+    assert cells["cores busy in fit (of 2)"] == ["1.80", "3.60"]  # 90 CPU-s in 50 s and in 25 s
     assert cells["fit time, 5 epochs (s)"][:2] == ["50.0 (50-60)", "25.0"]  # the median, then the runs' range
     # the floor: 16 MFLOP x 60,000 x 5 at the best float32 rate measured (200 GFLOP/s) = 24 s
     assert cells["floor: its FLOPs at matmul peak (s)"] == ["24.0", "24.0", "200 GFLOP/s"]

@@ -48,6 +48,7 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
     assert m_a["device"] == "cpu" and "CPU" in m_a["placement"] and m_a["backend"] == "tensorflow"
     assert m_a["train_images"] == 1000 and m_a["epochs"] == 2 and m_a["fit_time_s"] > 0
     assert m_a["samples_per_s"] == pytest.approx(2000 / m_a["fit_time_s"], rel=0.01)
+    assert m_a["fit_cpu_s"] > 0 and m_a["cores_busy"] == pytest.approx(m_a["fit_cpu_s"] / m_a["fit_time_s"], abs=0.01)
     live = tmp_path / "a" / "live"
     loss = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert loss[0] == "step\tloss" and len(loss) == 3  # one line per epoch, through DVCLive
