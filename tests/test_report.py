@@ -14,7 +14,8 @@ def fake_run_files(folder, device, fit_time_s, accuracy):
     (folder / "metrics" / f"train_{device}.json").write_text(json.dumps({
         "device_name": f"{device} name", "backend": "tensorflow", "backend_version": "2.21.0",
         "keras_version": "3.15.1", "fit_time_s": fit_time_s, "time_per_epoch_s": fit_time_s / 5,
-        "samples_per_s": 60000 * 5 / fit_time_s, "final_accuracy": 0.99, "cpu_model": "Test CPU"}))
+        "samples_per_s": 60000 * 5 / fit_time_s, "fit_cpu_s": 1.5 * fit_time_s, "cores_busy": 1.5,
+        "final_accuracy": 0.99, "cpu_model": "Test CPU"}))
     errors = round((1 - accuracy) * 4)
     (folder / "metrics" / f"evaluate_{device}.json").write_text(json.dumps({
         "test": {"loss": 0.03, "accuracy": accuracy, "errors": errors, "images": 4},
@@ -52,7 +53,7 @@ def test_cpu_and_gpu_side_by_side_beside_the_seed(tmp_path):
     fake_run_files(tmp_path, "gpu", 5.0, 0.75)
     text = run_report(tmp_path, ["cpu", "gpu"])
     assert "Data: **full MNIST**, 60,000 training and 10,000 test images (source: MNIST_NPZ)" in text
-    assert "| cpu | cpu name (tensorflow 2.21.0, Keras 3.15.1) | 50.0 s |" in text
+    assert "| cpu | cpu name (tensorflow 2.21.0, Keras 3.15.1) | 50.0 s | 10.00 s | 6,000 | 75.0 s (1.5) |" in text
     assert "| gpu | gpu name" in text and "The GPU fit was 10.0x as fast as the CPU fit." in text
     assert "| seed (published, 5 epochs) | 99.0% | 20.6 s | NVIDIA GeForce GTX 960 |" in text
     assert "| 4 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1 |" in text  # the 4 taken for a 9
