@@ -7,8 +7,8 @@ In a temporary copy of the project, on the full MNIST (it refuses the sample):
      params change, each timed;
   2. the reference (bench/reference.py, the notebook's procedure) and our
      train stage at the seed's settings (the default params), from the same
-     initial weights and data, alternating A B A B ... so that a slow phase of
-     the machine hits both; medians of fit time, samples/s, peak RSS of the
+     initial weights and data, alternating A B B A A B ... so that a slow phase
+     of the machine, or a place in the order, hits both; medians of fit time, samples/s, peak RSS of the
      training process, and test accuracy of each;
   3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %;
   4. the ceiling: the CPU's matrix-product rate (bench/peak.py, before and
@@ -220,11 +220,16 @@ def main(argv=None):
         peaks = [run_peak(work, "peak0", log)]
         print("bench: fresh dvc repro, no-op repro, evaluate-only change ...", flush=True)
         pipeline = overhead(work, log)
-        reference, ours = [], []
+        runs = {"reference": [], "ours": []}
         for i in range(repeats):
-            print(f"bench: round {i + 1}/{repeats}: reference, then ours ...", flush=True)
-            reference.append(run_reference(work, f"reference{i}", log))
-            ours.append(run_ours(work, work / "params.yaml", f"ours{i}", log))
+            # A B, B A, A B, ...: whatever a run's place in the order does to it (the host's
+            # scheduling after a busy spell, a warm page cache) falls on both alike
+            order = ["reference", "ours"] if i % 2 == 0 else ["ours", "reference"]
+            print(f"bench: round {i + 1}/{repeats}: {order[0]}, then {order[1]} ...", flush=True)
+            for name in order:
+                runs[name].append(run_reference(work, f"reference{i}", log) if name == "reference"
+                                  else run_ours(work, work / "params.yaml", f"ours{i}", log))
+        reference, ours = runs["reference"], runs["ours"]
         print("bench: fast preset ...", flush=True)
         fast_params = work / "params-fast-applied.yaml"
         shutil.copy(work / "params.yaml", fast_params)
