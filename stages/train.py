@@ -351,8 +351,9 @@ def main(argv=None):
 
     with atomic_path(args.live) as live_dir:  # renamed into place last, once all else is written
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-        if base.backend == "tensorflow":
+        if base.backend == "tensorflow" and args.device == "cpu":
             # fit would copy the array into a tensor and keep both: make the copy now, drop the array
+            # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
             pixels = keras.ops.convert_to_tensor(pixels)
         history, epoch_s, fit_s, fit_cpu_s = fit(keras, standardizing(keras, model, table), pixels, y, train, live)
         n_fit = fit_size(len(pixels), train.validation_split)
