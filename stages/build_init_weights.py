@@ -83,18 +83,29 @@ def check_architecture(model):
     return side
 
 
-def count_weights(model):
-    """The number of trainable weights, computed from the params alone (a check on Keras)."""
-    side, channels, total = INPUT_SHAPE[0], INPUT_SHAPE[2], 0
+def weighted_layers(model):
+    """(fan_in, units, positions) of each layer with weights, in order, from the params alone.
+
+    A conv block: fan_in = kernel^2 x input channels, units = filters, positions
+    = the output map's side^2; a dense layer: positions = 1. Pooling and Flatten
+    only reshape, so they appear in the sides and widths, not as layers.
+    """
+    side, channels, shapes = INPUT_SHAPE[0], INPUT_SHAPE[2], []
     for block in model.conv_blocks.values():
-        total += (block.kernel_size ** 2 * channels + 1) * block.filters
-        side, channels = side - block.kernel_size + 1, block.filters
+        side = side - block.kernel_size + 1
+        shapes.append((block.kernel_size ** 2 * channels, block.filters, side * side))
+        channels = block.filters
         side = side // block.pool_size if block.pool_size else side
     width = side * side * channels
-    for layer in model.dense_layers.values():
-        total += (width + 1) * layer.units
-        width = layer.units
-    return total + (width + 1) * N_CLASSES
+    for units in [layer.units for layer in model.dense_layers.values()] + [N_CLASSES]:
+        shapes.append((width, units, 1))
+        width = units
+    return shapes
+
+
+def count_weights(model):
+    """The number of trainable weights, computed from the params alone (a check on Keras)."""
+    return sum((fan_in + 1) * units for fan_in, units, _ in weighted_layers(model))
 
 
 def train_flops(model):
@@ -105,17 +116,7 @@ def train_flops(model):
     about twice the forward (gradients for the inputs and for the weights),
     the usual convention; the seed's CNN: 3 x 5.6 M = 16.8 MFLOP.
     """
-    side, channels, forward = INPUT_SHAPE[0], INPUT_SHAPE[2], 0
-    for block in model.conv_blocks.values():
-        side = side - block.kernel_size + 1
-        forward += 2 * block.kernel_size ** 2 * channels * block.filters * side * side
-        channels = block.filters
-        side = side // block.pool_size if block.pool_size else side
-    width = side * side * channels
-    for units in [layer.units for layer in model.dense_layers.values()] + [N_CLASSES]:
-        forward += 2 * width * units
-        width = units
-    return 3 * forward
+    return 3 * sum(2 * fan_in * units * positions for fan_in, units, positions in weighted_layers(model))
 
 
 def describe(model):
