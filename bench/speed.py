@@ -103,21 +103,22 @@ def run_ours(work, params, tag, log):
             "test_accuracy": test["accuracy"], "peak_rss_mb": rss}
 
 
-def run_reference(work, tag, log):
+def run_script(work, tag, log, script, *args):
+    """A bench/ script that writes its result as JSON to --out; returns (result, peak RSS in MB)."""
     out = work / "bench_runs" / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, rss = sh([sys.executable, "bench/reference.py", "--data", "data/processed", "--init", "models/init",
-                 "--out", out], work, log)
-    result = json.loads(out.read_text())
+    _, rss = sh([sys.executable, script, *args, "--out", out], work, log)
+    return json.loads(out.read_text()), rss
+
+
+def run_reference(work, tag, log):
+    result, rss = run_script(work, tag, log, "bench/reference.py", "--data", "data/processed", "--init", "models/init")
     return {"fit_time_s": result["fit_time_s"], "fit_cpu_s": result["fit_cpu_s"],
             "samples_per_s": result["samples_per_s"], "test_accuracy": result["test_accuracy"], "peak_rss_mb": rss}
 
 
 def run_peak(work, tag, log):
-    out = work / "bench_runs" / f"{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sh([sys.executable, "bench/peak.py", "--out", out], work, log)
-    return json.loads(out.read_text())
+    return run_script(work, tag, log, "bench/peak.py")[0]
 
 
 def ceiling(peaks, train_flops_per_image, images, epochs, fast_epochs):
