@@ -35,8 +35,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/speed.py`: make `stages` importable
-from stages.train import cpu_model  # noqa: E402
-COPY = ["stages", "bench", "data/sample", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
+from stages.devices import cpu_model  # noqa: E402
+COPY = ["stages", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 TARGETS = {"fit_ratio": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800, "fast_fit_s": 12.0,
@@ -92,11 +92,11 @@ def run_ours(work, params, tag, log):
     out = work / "bench_runs" / tag
     python = sys.executable
     _, rss = sh([python, "-m", "stages.train", "--device", "cpu", "--data", "data/processed",
-                 "--init", "models/init", "--out", out / "model", "--metrics", out / "train.json",
-                 "--live", out / "live", "--params", params], work, log)
+                 "--init", "models/init", "--out", out / "model", "--metrics", out / "train_metrics.json",
+                 "--details", out / "train.json", "--live", out / "live", "--params", params], work, log)
     sh([python, "-m", "stages.evaluate", "--device", "cpu", "--data", "data/processed", "--model", out / "model",
-        "--metrics", out / "evaluate.json", "--predictions", out / "p.csv", "--mistakes", out / "m.png",
-        "--params", params], work, log)
+        "--metrics", out / "evaluate.json", "--details", out / "evaluate_details.json", "--predictions",
+        out / "p.csv", "--mistakes", out / "m.png", "--params", params], work, log)
     train = json.loads((out / "train.json").read_text())
     test = json.loads((out / "evaluate.json").read_text())["test"]
     return {"fit_time_s": train["fit_time_s"], "fit_cpu_s": train["fit_cpu_s"], "samples_per_s": train["samples_per_s"],
@@ -238,9 +238,9 @@ def main(argv=None):
         fast = run_ours(work, fast_params, "fast", log)
         fast["time_to_99_s"] = fast["fit_time_s"] if fast["test_accuracy"] >= 0.99 else None
         peaks.append(run_peak(work, "peak1", log))
-        train_flops = json.loads((work / "metrics" / "model.json").read_text())["train_flops_per_image"]
+        train_flops = json.loads((work / "details" / "model.json").read_text())["train_flops_per_image"]
         fast_epochs = yaml.safe_load((work / "params-fast.yaml").read_text())["train.epochs"]
-        seed_run = json.loads((work / "metrics" / "train_cpu.json").read_text())  # the fresh repro's
+        seed_run = json.loads((work / "details" / "train_cpu.json").read_text())  # the fresh repro's
         top = ceiling(peaks, train_flops, seed_run["train_images"], seed_run["epochs"], fast_epochs)
         ok = True
     finally:

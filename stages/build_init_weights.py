@@ -1,6 +1,7 @@
 """build_init_weights: build the CNN from params and save it with its initial weights.
 
-    python -m stages.build_init_weights --out models/init --metrics metrics/model.json
+    python -m stages.build_init_weights --out models/init --metrics metrics/model.json \
+        --details details/model.json
 
 Writes model.json (the architecture, Keras 3 `model.to_json()`),
 initial.weights.h5 (Keras 3 weights file) and summary.md (a layer table).
@@ -188,7 +189,9 @@ def summary_table(model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for model.json and initial weights")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON file with the weight count")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file of the weight count")
+    parser.add_argument("--details", type=Path, required=True,
+                        help="JSON file of the weight count, layers, architecture and training FLOPs")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, model=ModelParams)
@@ -207,10 +210,11 @@ def main(argv=None):
         (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
         model.save_weights(tmp / "initial.weights.h5")
         (tmp / "summary.md").write_text(summary_table(model))
-    write_json(args.metrics, {"weights": n_weights, "layers": len(model.layers), "architecture": describe(arch),
+    write_json(args.details, {"weights": n_weights, "layers": len(model.layers), "architecture": describe(arch),
                               "train_flops_per_image": train_flops(arch)})
+    write_json(args.metrics, {"weights": n_weights})
     print(summary_table(model), end="")
-    print(f"wrote {args.out}/ (model.json, initial.weights.h5, summary.md) and {args.metrics}: "
+    print(f"wrote {args.out}/ (model.json, initial.weights.h5, summary.md), {args.metrics} and {args.details}: "
           f"{n_weights:,} weights")
 
 

@@ -1,11 +1,13 @@
 """evaluate: test loss, accuracy, per-class precision/recall and predictions of one trained model.
 
     python -m stages.evaluate --device cpu --data data/processed --model models/cpu \
-        --metrics metrics/evaluate_cpu.json --predictions plots/predictions_cpu.csv \
-        --mistakes plots/mistakes_cpu.png
+        --metrics metrics/evaluate_cpu.json --details details/evaluate_cpu.json \
+        --predictions plots/predictions_cpu.csv --mistakes plots/mistakes_cpu.png
 
-The metrics JSON is keyed by name (test.accuracy, per_class.7.recall) so that
-`dvc metrics show` and `dvc metrics diff` read like sentences. The predictions
+Both JSON files are keyed by name, so that `dvc metrics show` and
+`dvc metrics diff` read like sentences: --metrics holds the headline
+(test.accuracy, test.loss), --details adds the error count and per-digit
+precision and recall (per_class.7.recall), which the report shows. The predictions
 CSV (one row per test image: actual and predicted digit, confidence) is the
 confusion matrix's data: DVC's confusion plot and the report's table. The
 mistakes PNG shows the 25 most confident mistakes, as the digits were drawn.
@@ -86,23 +88,26 @@ def unstandardize(x, scaler):
 
 
 def mistakes_png(images, y, probs, indices, path, title):
-    """A grid of the given test images, each titled 'true -> predicted (confidence)'."""
+    """A grid of the given test images, each captioned below: 'true 4, read 9' and '#index, confidence'."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = 5
     rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8 + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.35 + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, indices, strict=False):
         pred = int(probs[i].argmax())
+        ax.axis("on")
+        ax.set(xticks=[], yticks=[])
+        ax.spines[:].set_color("#bbbbbb")
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"#{i}: {y[i]} -> {pred} ({probs[i, pred]:.0%})", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+        ax.set_xlabel(f"true {y[i]}, read {pred}\n#{i}, {probs[i, pred]:.0%} sure", fontsize=11, linespacing=1.4)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same bytes
+    fig.savefig(path, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same bytes
     plt.close(fig)
 
 
@@ -111,7 +116,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "gpu"], required=True, help="whose model to evaluate")
     parser.add_argument("--data", type=Path, required=True, help="preprocess's folder")
     parser.add_argument("--model", type=Path, required=True, help="train's folder")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file of test accuracy and loss")
+    parser.add_argument("--details", type=Path, required=True, help="JSON file adding errors, per-digit figures")
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--mistakes", type=Path, required=True, help="PNG of the most confident mistakes")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
@@ -136,12 +142,13 @@ def main(argv=None):
         pixels = np.zeros((len(x), 28, 28))  # only the mistakes shown need their pixels back
         pixels[wrong] = unstandardize(x[wrong], scaler)
         mistakes_png(pixels, y, probs, wrong, png,
-                     f"{args.device} model: the {len(wrong)} most confident mistakes (true -> predicted)")
-    write_json(args.metrics, metrics)
+                     f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
+    write_json(args.details, metrics)
+    write_json(args.metrics, {"test": {key: metrics["test"][key] for key in ("accuracy", "loss")}})
     t = metrics["test"]
     print(f"{args.device} model on {t['images']} test images: accuracy {t['accuracy']:.4f}, "
           f"loss {t['loss']:.4f}, {t['errors']} errors")
-    print(f"wrote {args.metrics}, {args.predictions} and {args.mistakes}")
+    print(f"wrote {args.metrics}, {args.details}, {args.predictions} and {args.mistakes}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """fetch: get MNIST and write its four arrays, verified, as .npy files.
 
-    python -m stages.fetch --out data/raw --metrics metrics/data.json
+    python -m stages.fetch --out data/raw --metrics metrics/data.json --details details/data.json
 
 Sources, first that exists wins:
   1. the Keras-layout mnist.npz named by the environment variable MNIST_NPZ;
@@ -9,7 +9,8 @@ Sources, first that exists wins:
 Whatever the source, each array's sha256 must match the published MNIST arrays
 before anything is written, so data/raw is byte-identical whichever it came from.
 Offline with no local copy, and fetch.allow_sample true, the committed
-7,000-image sample is used instead, loudly, and metrics/data.json says so.
+7,000-image sample is used instead, loudly, and metrics/data.json says so
+(full_mnist: false; details/data.json names the source).
 This is the only stage that touches the network.
 """
 
@@ -137,7 +138,7 @@ def get_arrays(params, env):
     return arrays, source
 
 
-def data_metrics(arrays, source):
+def data_details(arrays, source):
     return {
         "source": source,
         "full_mnist": source != "sample",
@@ -149,7 +150,8 @@ def data_metrics(arrays, source):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the four .npy arrays")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON file naming the data source")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file: was it the full MNIST?")
+    parser.add_argument("--details", type=Path, required=True, help="JSON file naming the source and sizes")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, fetch=FetchParams)["fetch"]
@@ -159,9 +161,11 @@ def main(argv=None):
         tmp.mkdir()
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", arrays[name])
-    write_json(args.metrics, data_metrics(arrays, source))
+    details = data_details(arrays, source)
+    write_json(args.details, details)
+    write_json(args.metrics, {"full_mnist": details["full_mnist"]})
     counts = ", ".join(f"{name} {arrays[name].shape}" for name in ARRAYS)
-    print(f"wrote {args.out}/ ({counts}) and {args.metrics} [data: {source}]")
+    print(f"wrote {args.out}/ ({counts}), {args.metrics} and {args.details} [data: {source}]")
 
 
 if __name__ == "__main__":

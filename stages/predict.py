@@ -1,4 +1,4 @@
-"""predict: classify images of digits with a trained model and the training's own preprocessing.
+"""predict: classify images of digits with a trained classifier (train's classifier.keras).
 
     python -m stages.predict digit.png photo.jpg more.npz [--model models/cpu] [--json]
 
@@ -6,8 +6,9 @@ Images (PNG, JPEG, any size) become 28x28 grayscale, white digit on black as
 in MNIST: inverted when the background is light, and, unless already 28x28,
 cropped to the digit, scaled to fit 20x20 and centred by its centre of mass
 (MNIST's own recipe). An .npz gives every array in it of shape (28, 28) or
-(N, 28, 28), pixels 0..255. Then preprocess's saved scaler standardizes them
-exactly as in training. A file that cannot be read is a one-line error for
+(N, 28, 28), pixels 0..255. Rounded to uint8 pixels, as MNIST's are, they go
+to the classifier, which standardizes them exactly as in training (the
+scaler is inside it). A file that cannot be read is a one-line error for
 that file; the others still get answers; the exit status is 1 if any failed.
 Not a pipeline stage: a tool that uses what the pipeline made.
 """
@@ -80,22 +81,20 @@ def read_inputs(path):
     return [(str(path), to_mnist(gray))]
 
 
-def standardize(images, scaler):
-    """(N, 28, 28) pixels -> (N, 28, 28, 1) float32 with preprocess's scaler.json, as in training."""
-    flat = (images.reshape(len(images), -1) - np.array(scaler["mean"])) / np.array(scaler["scale"])
-    return flat.astype(np.float32).reshape(len(images), SIDE, SIDE, 1)
+def to_pixels(images):
+    """(N, 28, 28) values 0..255 -> uint8, what the classifier takes (MNIST's own pixels are uint8)."""
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="PNG/JPEG images or .npz arrays")
-    parser.add_argument("--model", type=Path, default=Path("models/cpu"), help="a train output folder")
-    parser.add_argument("--scaler", type=Path, default=Path("data/processed/scaler.json"))
+    parser.add_argument("--model", type=Path, default=Path("models/cpu"),
+                        help="a train output folder, holding classifier.keras and params.json")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
 
     trained = read_json(args.model / "params.json")
-    scaler = read_json(args.scaler)
     per_file = []  # in the order given: (file, error or None, [(name, image)])
     for path in args.files:
         try:
@@ -106,8 +105,12 @@ def main(argv=None):
     probs = iter([])
     if inputs:
         keras = import_keras(trained["base"]["backend"], device="cpu")
-        model = keras.models.load_model(args.model / "model.keras")
-        images = standardize(np.stack([img for _, img in inputs]), scaler)
+        try:
+            model = keras.models.load_model(args.model / "classifier.keras")
+        except ValueError as err:  # Keras's word for a missing or unreadable file
+            raise UserError(f"cannot load {args.model / 'classifier.keras'} ({err}); run `dvc repro` to make it") \
+                from None
+        images = to_pixels(np.stack([img for _, img in inputs]))
         probs = iter(np.asarray(model.predict(images, verbose=0), dtype=np.float64))
     results = []
     for path, error, items in per_file:

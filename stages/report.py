@@ -1,12 +1,15 @@
 """report: what was run, on which data, and how it did, as Markdown and as one HTML page.
 
-    python -m stages.report --metrics metrics --plots plots --live dvclive \
-        --summary models/init/summary.md --out reports
+    python -m stages.report --details details --plots plots --live dvclive \
+        --summary models/init/summary.md --out reports --curves reports/curves
 
-Reads the metrics, per-epoch logs and predictions of every device in
+Reads the details, per-epoch logs and predictions of every device in
 train.devices, the layer table that build_init_weights wrote and the params,
 and sets our figures beside the seed notebook's published ones. report.html
 is self-contained (images embedded), so it opens offline in any browser.
+--curves gets one CSV per training curve (loss, accuracy, learning rate,
+epoch time), every device and split in one file, so that `dvc plots` draws
+one chart per curve whichever devices ran and whether or not validation did.
 """
 
 import argparse
@@ -55,6 +58,32 @@ def read_curves(live_dir):
     if not curves:
         raise UserError(f"no per-epoch log in {live_dir}: run `dvc repro` to make it")
     return curves
+
+
+CURVES = ("loss", "accuracy", "learning_rate", "epoch_time_s")
+
+
+def curve_rows(runs_curves, metric):
+    """[(epoch, series, value)] of one curve over devices and splits; epochs from 1, as DVCLive logged them."""
+    rows = []
+    for device, curves in runs_curves.items():
+        for split, name in (("train", "training"), ("eval", "validation")):
+            values = curves.get(f"{split}/{metric}")
+            series = device if metric in ("learning_rate", "epoch_time_s") else f"{device} {name}"
+            rows += [(epoch, series, value) for epoch, value in enumerate(values or [], start=1)]
+    return rows
+
+
+def curves_csv(rows, metric):
+    lines = [f"epoch,series,{metric}"] + [f"{epoch},{series},{value!r}" for epoch, series, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(summary):
+    """The rows of build_init_weights's Markdown layer table, header first, emphasis dropped."""
+    lines = [line.strip().strip("|") for line in summary.splitlines() if line.strip().startswith("|")]
+    rows = [[cell.strip().replace("**", "") for cell in line.split("|")] for line in lines]
+    return [row for row in rows if not set("".join(row)) <= set("-: ")]
 
 
 def table(header, rows):
@@ -215,11 +244,12 @@ def html_table(header, rows, cls="numbers"):
     return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
 
 
-def render_html(params, data, model, runs, provenance):
+def render_html(params, data, model, summary, runs, provenance):
     """The self-contained HTML report. `runs` maps device -> (train, evaluate, confusion, curves, mistakes PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     train, esc = params["train"], html.escape
+    layers = summary_rows(summary)  # header, then one row per layer and the total
     if data["full_mnist"]:
         banner = (f'<p class="ok">Data: full MNIST, {data["train_images"]:,} training and '
                   f'{data["test_images"]:,} test images (source: {esc(data["source"])}).</p>')
@@ -241,8 +271,10 @@ def render_html(params, data, model, runs, provenance):
     parts += [f"<h2>Model</h2><p>{model['weights']:,} weights; L2 penalty conv {arch.l2.conv}, dense "
               f"{arch.l2.dense}; dropout {arch.dropout}; Keras backend <code>{esc(params['base'].backend)}"
               f"</code>; preprocessing <code>{esc(params['preprocess'].procedure)}</code>.</p>",
+              html_table(layers[0], layers[1:]),
+              "<h3>Training settings</h3>",
               html_table(["setting", "value"], [[k, v] for k, v in train.model_dump().items()
-                                                if k not in ("cpu", "gpu")])]
+                                                if k not in ("cpu", "gpu")], cls="text")]
     for device, (t, ev, conf, curves, mistakes) in runs.items():
         test = ev["test"]
         parts += [f"<h2>{device} model</h2>",
@@ -254,6 +286,8 @@ def render_html(params, data, model, runs, provenance):
                   html_table(["digit", "precision", "recall"],
                              [[d, f"{c['precision']:.4f}", f"{c['recall']:.4f}"] for d, c in ev["per_class"].items()]),
                   f"<h3>The most confident mistakes ({device})</h3>",
+                  "<p>Test images the model got wrong with the highest confidence; under each, the true digit, "
+                  "the digit the model read, the image's index in the test set and the model's confidence.</p>",
                   f"<img alt='{device} most confident mistakes' "
                   f"src='data:image/png;base64,{base64.b64encode(mistakes).decode()}'>"]
     parts.append("</body></html>")
@@ -262,11 +296,12 @@ def render_html(params, data, model, runs, provenance):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--metrics", type=Path, required=True, help="folder of the stages' metrics")
+    parser.add_argument("--details", type=Path, required=True, help="folder of the stages' details")
     parser.add_argument("--plots", type=Path, required=True, help="folder of evaluate's predictions and images")
     parser.add_argument("--live", type=Path, required=True, help="folder of train's DVCLive logs")
     parser.add_argument("--summary", type=Path, required=True, help="build_init_weights's layer table")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.html")
+    parser.add_argument("--curves", type=Path, required=True, help="folder for the training curves' CSVs")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, preprocess=PreprocessParams,
@@ -274,24 +309,30 @@ def main(argv=None):
 
     try:
         summary = args.summary.read_text()
-        runs = {d: (read_json(args.metrics / f"train_{d}.json"), read_json(args.metrics / f"evaluate_{d}.json"),
+        runs = {d: (read_json(args.details / f"train_{d}.json"), read_json(args.details / f"evaluate_{d}.json"),
                     confusion_from_csv(args.plots / f"predictions_{d}.csv"), read_curves(args.live / f"train_{d}"),
                     (args.plots / f"mistakes_{d}.png").read_bytes())
                 for d in params["train"].devices}
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
-    data, model = read_json(args.metrics / "data.json"), read_json(args.metrics / "model.json")
+    data, model = read_json(args.details / "data.json"), read_json(args.details / "model.json")
     provenance = [["data", f"{data['source']} ({'full MNIST' if data['full_mnist'] else 'SAMPLE'})"],
                   ["code version", code_version()],
                   ["devices", "; ".join(f"{d}: {t['device_name']} ({t['cpu_model']})" for d, (t, *_) in runs.items())],
                   ["libraries", ", ".join(f"{k} {v}" for k, v in versions(runs).items())]]
     markdown = render(params, data, model, summary, {d: r[:3] for d, r in runs.items()})
-    page = render_html(params, data, model, runs, provenance)
+    page = render_html(params, data, model, summary, runs, provenance)
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "report.md") as md, atomic_path(args.out / "report.html") as page_file:
+    with (atomic_path(args.out / "report.md") as md, atomic_path(args.out / "report.html") as page_file,
+          atomic_path(args.curves) as curves):
         md.write_text(markdown)
         page_file.write_text(page)
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
+        curves.mkdir()
+        for metric in CURVES:
+            rows = curve_rows({d: r[3] for d, r in runs.items()}, metric)
+            (curves / f"{metric}.csv").write_text(curves_csv(rows, metric))
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'report.html'} and {args.curves}/ "
+          f"({', '.join(f'{m}.csv' for m in CURVES)})")
 
 
 if __name__ == "__main__":

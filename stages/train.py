@@ -1,21 +1,25 @@
 """train: fit the CNN from the shared initial weights, on one device.
 
-    python -m stages.train --device cpu --data data/processed --init models/init \
-        --out models/cpu --metrics metrics/train_cpu.json --live dvclive/train_cpu
+    python -m stages.train --device cpu --data data/processed --init models/init --out models/cpu \
+        --metrics metrics/train_cpu.json --details details/train_cpu.json --live dvclive/train_cpu
 
 dvc.yaml runs it once per entry of train.devices (stages train@cpu, train@gpu).
 --device gpu fails unless the backend sees a GPU, and after training the
 weights' actual placement is checked, so a run is never labeled GPU that ran
-on a CPU. Writes the trained model (model.keras) with the params it was
-trained with (params.json), timings and final metrics, and through DVCLive one
-line per epoch of loss, accuracy (and their validation twins when
-train.validation_split > 0), learning rate and epoch time.
+on a CPU (stages/devices.py). Fits the classifier of stages/classifier.py
+(uint8 pixels in, the standardization inside) and writes, in --out:
+classifier.keras (that classifier, to load and use anywhere), model.keras (the
+network alone, standardized images in, as evaluate reads it) and params.json
+(the params it was trained with). --metrics gets the fit time (what
+`dvc metrics show` shows), --details the device, timings and final metrics,
+and DVCLive one line per epoch, counted from 1, of loss, accuracy (and their
+validation twins when train.validation_split > 0), learning rate and epoch time.
 """
 
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,8 +27,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
+from stages.classifier import check_pixels, classifier, standardize_table
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
                            load_params, read_json, run, write_json)
+from stages.devices import cpu_model, device_env, on_gpu, placement, set_up_device
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
 ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
@@ -75,64 +81,6 @@ def check_train(train, backend):
                         "set it to null for jax")
 
 
-def device_env(backend, device, gpu):
-    """Environment variables that must be set before the backend is imported."""
-    env = {}
-    if backend == "jax" and device == "gpu":
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false" if gpu.memory_growth else "true"
-        env["XLA_FLAGS"] = "--xla_gpu_deterministic_ops=true"
-    if backend == "torch" and device == "gpu":
-        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # needed for deterministic cuBLAS
-    return env
-
-
-def set_up_device(backend, device, cpu, gpu):
-    """Apply thread/memory settings and determinism; return the framework's name for the device.
-
-    Raises a UserError when --device gpu is asked for and the backend sees no GPU.
-    """
-    no_gpu = (f"train.devices includes 'gpu' but {backend} sees no GPU; remove 'gpu' from "
-              f"train.devices, or install {backend} with CUDA support")
-    if backend == "tensorflow":
-        import tensorflow as tf
-        tf.config.experimental.enable_op_determinism()
-        if cpu.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(cpu.intra_op_threads)
-        if cpu.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(cpu.inter_op_threads)
-        if device == "cpu":
-            return tf.config.list_physical_devices("CPU")[0].name
-        gpus = tf.config.list_physical_devices("GPU")
-        if not gpus:
-            raise UserError(no_gpu)
-        if gpu.memory_limit_mb:
-            tf.config.set_logical_device_configuration(
-                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=gpu.memory_limit_mb)])
-        elif gpu.memory_growth:
-            tf.config.experimental.set_memory_growth(gpus[0], True)
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
-    if backend == "jax":
-        import jax
-        devices = jax.devices()
-        if device == "gpu" and devices[0].platform != "gpu":
-            raise UserError(no_gpu)
-        return f"{devices[0].platform}:{devices[0].device_kind}"
-    import torch
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if cpu.intra_op_threads:
-        torch.set_num_threads(cpu.intra_op_threads)
-    if cpu.inter_op_threads:
-        torch.set_num_interop_threads(cpu.inter_op_threads)
-    if device == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise UserError(no_gpu)
-    if gpu.memory_limit_mb:
-        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu.memory_limit_mb / total_mb))
-    return torch.cuda.get_device_name(0)
-
-
 def with_precision(model_json, precision):
     """The architecture with every layer but the input and output computing in `precision`.
 
@@ -148,28 +96,6 @@ def with_precision(model_json, precision):
         if layer["class_name"] != "InputLayer" and layer["config"]["name"] != "output":
             layer["config"]["dtype"] = policy
     return json.dumps(config)
-
-
-def placement(variable):
-    """Where a Keras variable's value actually lives, as the backend names it."""
-    value = variable.value
-    if hasattr(value, "devices"):  # jax
-        return ",".join(sorted(str(d) for d in value.devices()))
-    return str(value.device)
-
-
-def on_gpu(where):
-    return "gpu" in where.lower() or "cuda" in where.lower()
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def learning_rate(keras, train, steps_per_epoch):
@@ -231,58 +157,6 @@ def fit_size(n_images, validation_split):
     return n_images - int(n_images * validation_split)
 
 
-def standardize_table(scaler):
-    """(784 * 256,) float32: entry p * 256 + v is pixel p of value v, standardized as preprocess did.
-
-    The same float64 arithmetic as StandardScaler.transform, rounded to float32
-    once, so a lookup gives exactly the number preprocess wrote to x_train.npy.
-    """
-    mean, scale = (np.asarray(scaler[key], dtype=np.float64)[:, None] for key in ("mean", "scale"))
-    return ((np.arange(256, dtype=np.float64) - mean) / scale).astype(np.float32).ravel()
-
-
-def lookup(table, pixels):
-    """Standardize uint8 images (N, 28, 28) with standardize_table's table, in NumPy."""
-    flat = pixels.reshape(len(pixels), -1).astype(np.int64) + np.arange(pixels[0].size) * 256
-    return table[flat]
-
-
-def check_pixels(pixels, x, table, n=1000):
-    """Refuse pixels_train.npy unless its first `n` images standardize to x_train.npy's, bit for bit."""
-    if pixels.dtype != np.uint8 or len(pixels) != len(x) or pixels[0].size != x[0].size:
-        raise UserError(f"pixels_train.npy ({pixels.dtype}, {pixels.shape}) does not match x_train.npy "
-                        f"{x.shape}: run `dvc repro -f preprocess`")
-    if not np.array_equal(lookup(table, pixels[:n]), np.asarray(x[:n]).reshape(min(n, len(x)), -1)):
-        raise UserError("pixels_train.npy and scaler.json do not give x_train.npy's values: "
-                        "run `dvc repro -f preprocess`")
-
-
-def standardizing(keras, model, table):
-    """`model` behind a table lookup that standardizes uint8 pixels: what train fits.
-
-    Fed uint8 images, fit holds a quarter of the memory that float32 images need
-    (47 MB, not 188 MB, for MNIST's training set), and the network sees the very
-    inputs preprocess wrote, so the training is the same. The lookup has no
-    weights to learn: fitting the wrapper trains `model`'s own weights, and
-    `model` alone is saved.
-    """
-    ops = keras.ops
-    n_pixels = int(np.prod(model.input_shape[1:]))
-
-    class Standardize(keras.layers.Layer):
-        def build(self, input_shape):
-            # A weight, not a constant: it is put on the training device once.
-            self.table = self.add_weight(shape=table.shape, initializer="zeros", trainable=False, name="table")
-            self.table.assign(table)
-
-        def call(self, pixels):
-            index = ops.cast(ops.reshape(pixels, (-1, n_pixels)), "int32") + ops.arange(n_pixels, dtype="int32") * 256
-            return ops.reshape(ops.take(self.table, index), (-1, *model.input_shape[1:]))
-
-    pixels = keras.Input(shape=model.input_shape[1:-1], dtype="uint8", name="pixels")
-    return keras.Model(pixels, model(Standardize(dtype="float32", name="standardize")(pixels)))
-
-
 def fit(keras, model, x, y, train, live):
     """Compile and fit, logging each epoch to `live`.
 
@@ -308,12 +182,37 @@ def fit(keras, model, x, y, train, live):
             logs["epoch_time_s"] = epoch_s[-1]
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
+    live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
     start, cpu_start = time.perf_counter(), time.process_time()
     history = model.fit(x, encode_labels(keras, y, train.loss), batch_size=train.batch_size,
-                        epochs=train.epochs, shuffle=train.shuffle, verbose=2,
+                        epochs=train.epochs, shuffle=train.shuffle, verbose=progress_verbosity(sys.stdout),
                         validation_split=train.validation_split,
                         callbacks=[EpochLog(), live_callback(keras, live)])
     return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def progress_verbosity(stream):
+    """Keras's verbose: a progress bar within each epoch on a terminal, one line per epoch in a log."""
+    return 1 if stream.isatty() else 2
+
+
+def run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s, n_fit):
+    """Everything this run recorded, for the report: the device, versions, timings, final metrics."""
+    details = {
+        "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
+        "backend": base.backend, "backend_version": backend_version(base.backend),
+        "keras_version": keras.__version__,
+        "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
+        "fit_time_s": round(fit_s, 3), "time_per_epoch_s": round(fit_s / train.epochs, 3),
+        "first_epoch_s": round(epoch_s[0], 3),
+        "fit_cpu_s": round(fit_cpu_s, 3), "cores_busy": round(fit_cpu_s / fit_s, 2),
+        "samples_per_s": round(n_fit * train.epochs / fit_s, 1),
+        "final_loss": float(history["loss"][-1]), "final_accuracy": float(history["accuracy"][-1]),
+    }
+    if train.validation_split:
+        details["final_val_loss"] = float(history["val_loss"][-1])
+        details["final_val_accuracy"] = float(history["val_accuracy"][-1])
+    return details
 
 
 def main(argv=None):
@@ -322,7 +221,8 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, required=True, help="preprocess's folder")
     parser.add_argument("--init", type=Path, required=True, help="build_init_weights's folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained model")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file of the fit time")
+    parser.add_argument("--details", type=Path, required=True, help="JSON file of the run's details")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder for the per-epoch log")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
@@ -355,36 +255,27 @@ def main(argv=None):
             # fit would copy the array into a tensor and keep both: make the copy now, drop the array
             # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
             pixels = keras.ops.convert_to_tensor(pixels)
-        history, epoch_s, fit_s, fit_cpu_s = fit(keras, standardizing(keras, model, table), pixels, y, train, live)
-        n_fit = fit_size(len(pixels), train.validation_split)
+        fitted = classifier(keras, model, table)
+        history, epoch_s, fit_s, fit_cpu_s = fit(keras, fitted, pixels, y, train, live)
         where = placement(model.weights[0])
         if on_gpu(where) != (args.device == "gpu"):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
                             f"refusing to record this run as {args.device}")
-
-        metrics = {
-            "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
-            "backend": base.backend, "backend_version": backend_version(base.backend),
-            "keras_version": keras.__version__,
-            "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
-            "fit_time_s": round(fit_s, 3), "time_per_epoch_s": round(fit_s / train.epochs, 3),
-            "first_epoch_s": round(epoch_s[0], 3),
-            "fit_cpu_s": round(fit_cpu_s, 3), "cores_busy": round(fit_cpu_s / fit_s, 2),
-            "samples_per_s": round(n_fit * train.epochs / fit_s, 1),
-            "final_loss": float(history["loss"][-1]), "final_accuracy": float(history["accuracy"][-1]),
-        }
-        if train.validation_split:
-            metrics["final_val_loss"] = float(history["val_loss"][-1])
-            metrics["final_val_accuracy"] = float(history["val_accuracy"][-1])
+        details = run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s,
+                              fit_size(len(pixels), train.validation_split))
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             model.save(tmp / "model.keras")
+            # the same layers, uncompiled: no optimizer state or training config in the file users load
+            keras.Model(fitted.input, fitted.output, name=fitted.name).save(tmp / "classifier.keras")
             (tmp / "params.json").write_text(json.dumps(
                 {"base": base.model_dump(), "train": train.model_dump(), "device": args.device}, indent=2) + "\n")
-        write_json(args.metrics, metrics)
-    print(f"fit {fit_s:.1f} s on {device_name} ({metrics['samples_per_s']:.0f} images/s), "
-          f"final accuracy {metrics['final_accuracy']:.4f}")
-    print(f"wrote {args.out}/model.keras, {args.metrics}, {args.live}/")
+        write_json(args.details, details)
+        write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
+    print(f"fit {fit_s:.1f} s on {device_name} ({details['samples_per_s']:.0f} images/s), "
+          f"final accuracy {details['final_accuracy']:.4f}")
+    print(f"wrote {args.out}/ (classifier.keras, model.keras, params.json), {args.metrics}, {args.details}, "
+          f"{args.live}/")
 
 
 def backend_version(backend):

@@ -1,6 +1,7 @@
 """Shared fixtures: small real data from the committed sample, and params for tiny runs."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "mnist_sample.npz"
-FULL_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+
+
+def full_mnist_npz(env):
+    """Where fetch finds the full MNIST without downloading: MNIST_NPZ, else the Keras cache; None if neither."""
+    from stages.fetch import keras_cache_file
+    if env.get("MNIST_NPZ"):
+        return Path(env["MNIST_NPZ"])
+    cache = keras_cache_file(env)
+    return cache if cache.is_file() else None
+
+
+FULL_MNIST = full_mnist_npz(os.environ)  # found before the tests give themselves their own HOME (git_identity)
 
 
 def tiny_params(**overrides):
@@ -47,6 +59,23 @@ def write_processed(folder, raw, procedure="published_split", seed=0):
 def write_params(path, params):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def git_identity(tmp_path_factory):
+    """A git identity and an empty git configuration of the tests' own, whatever the account has.
+
+    `dvc exp run` commits each experiment, so git needs a user name and email;
+    a fresh account has none. HOME points at an empty folder so that the
+    account's ~/.gitconfig (signing, hooks, aliases) cannot change what git does.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        for who in ("AUTHOR", "COMMITTER"):
+            mp.setenv(f"GIT_{who}_NAME", "pytest")
+            mp.setenv(f"GIT_{who}_EMAIL", "pytest@example.com")
+        yield
 
 
 @pytest.fixture

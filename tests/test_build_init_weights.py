@@ -74,7 +74,8 @@ def test_feature_maps_below_1x1_are_refused_naming_the_key(kernel, pool, key):
 def test_bad_model_params_are_one_line_errors(tmp_path, change, message):
     p = write_params(tmp_path / "params.yaml", tiny_params(**change))
     with pytest.raises(UserError, match=message) as err:
-        biw.main(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"), "--params", str(p)])
+        biw.main(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"),
+                  "--details", str(tmp_path / "d.json"), "--params", str(p)])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "init").exists()
 
@@ -106,7 +107,8 @@ def test_initial_weights_are_glorot_uniform_and_zero_biases():
 def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
     p = write_params(tmp_path / "params.yaml", tiny_params())
     out = tmp_path / "init"
-    biw.main(["--out", str(out), "--metrics", str(tmp_path / "m.json"), "--params", str(p)])
+    biw.main(["--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
+              "--params", str(p)])
     keras = import_keras("tensorflow", device="cpu")
     model = keras.models.model_from_json((out / "model.json").read_text())
     model.load_weights(out / "initial.weights.h5")
@@ -122,7 +124,8 @@ def test_initial_weights_are_the_same_bytes_on_another_backend(tmp_path):
     for backend in ("tensorflow", "torch"):
         p = write_params(tmp_path / f"{backend}.yaml", tiny_params(**{"base.backend": backend}))
         subprocess.run([sys.executable, "-m", "stages.build_init_weights", "--out", str(tmp_path / backend),
-                        "--metrics", str(tmp_path / f"{backend}.json"), "--params", str(p)],
+                        "--metrics", str(tmp_path / f"{backend}.json"),
+                        "--details", str(tmp_path / f"{backend}.d.json"), "--params", str(p)],
                        cwd=ROOT, check=True, capture_output=True)
         files[backend] = (tmp_path / backend / "initial.weights.h5").read_bytes()
     assert files["tensorflow"] == files["torch"]

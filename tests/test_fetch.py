@@ -69,7 +69,7 @@ def test_offline_falls_back_to_the_sample_loudly(isolated_env, capsys):
     assert source == "sample"
     assert arrays["x_train"].shape == (6000, 28, 28) and arrays["y_test"].shape == (1000,)
     assert "NOT THE FULL MNIST" in capsys.readouterr().err
-    assert fetch.data_metrics(arrays, source)["full_mnist"] is False
+    assert fetch.data_details(arrays, source)["full_mnist"] is False
 
 
 def test_offline_with_fallback_forbidden_names_the_three_ways(isolated_env):
@@ -117,12 +117,13 @@ def test_corrupt_download_is_an_error_and_nothing_is_kept(http_file, tmp_path):
 
 
 def test_main_writes_arrays_and_data_source(isolated_env):
-    out, metrics = isolated_env / "raw", isolated_env / "data.json"
+    out, metrics, details = isolated_env / "raw", isolated_env / "data.json", isolated_env / "details.json"
     p = write_params(isolated_env / "params.yaml", tiny_params())
-    fetch.main(["--out", str(out), "--metrics", str(metrics), "--params", str(p)])
+    fetch.main(["--out", str(out), "--metrics", str(metrics), "--details", str(details), "--params", str(p)])
     assert sorted(f.name for f in out.iterdir()) == ["x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
     assert np.load(out / "y_train.npy").dtype == np.uint8
-    assert json.loads(metrics.read_text()) == {"source": "sample", "full_mnist": False,
+    assert json.loads(metrics.read_text()) == {"full_mnist": False}  # the headline `dvc metrics show` shows
+    assert json.loads(details.read_text()) == {"source": "sample", "full_mnist": False,
                                                "train_images": 6000, "test_images": 1000}
 
 
@@ -130,6 +131,7 @@ def test_main_fails_without_writing_anything(isolated_env):
     out, metrics = isolated_env / "raw", isolated_env / "data.json"
     p = write_params(isolated_env / "params.yaml", tiny_params(**{"fetch.allow_sample": False}))
     with pytest.raises(UserError):
-        fetch.main(["--out", str(out), "--metrics", str(metrics), "--params", str(p)])
-    assert not out.exists() and not metrics.exists()
+        fetch.main(["--out", str(out), "--metrics", str(metrics), "--details", str(isolated_env / "d.json"),
+                    "--params", str(p)])
+    assert not out.exists() and not metrics.exists() and not (isolated_env / "d.json").exists()
     assert [f.name for f in isolated_env.iterdir() if f.name.startswith(".")] == []

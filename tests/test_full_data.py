@@ -1,7 +1,4 @@
-"""On the full MNIST (slow; needs MNIST_NPZ or ../shared/data/mnist.npz): run with `pytest -m slow`."""
-
-import os
-from pathlib import Path
+"""On the full MNIST (slow; the data where fetch finds it: MNIST_NPZ or the Keras cache): `pytest -m slow`."""
 
 import numpy as np
 import pytest
@@ -14,10 +11,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def full_npz():
-    path = Path(os.environ.get("MNIST_NPZ") or FULL_MNIST)
-    if not path.is_file():
-        pytest.skip("no full MNIST: set MNIST_NPZ")
-    return path
+    if FULL_MNIST is None or not FULL_MNIST.is_file():
+        pytest.skip("no full MNIST where fetch looks: set MNIST_NPZ or put mnist.npz in the Keras cache")
+    return FULL_MNIST
 
 
 def test_full_mnist_passes_the_array_hashes_and_the_known_facts(full_npz, tmp_path):

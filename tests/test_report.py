@@ -2,6 +2,7 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from stages import report
 from stages.common import UserError
@@ -9,15 +10,15 @@ from tests.conftest import ROOT, tiny_params, write_params
 
 
 def fake_run_files(folder, device, fit_time_s, accuracy):
-    (folder / "metrics").mkdir(exist_ok=True)
+    (folder / "details").mkdir(exist_ok=True)
     (folder / "plots").mkdir(exist_ok=True)
-    (folder / "metrics" / f"train_{device}.json").write_text(json.dumps({
+    (folder / "details" / f"train_{device}.json").write_text(json.dumps({
         "device_name": f"{device} name", "backend": "tensorflow", "backend_version": "2.21.0",
         "keras_version": "3.15.1", "fit_time_s": fit_time_s, "time_per_epoch_s": fit_time_s / 5,
         "samples_per_s": 60000 * 5 / fit_time_s, "fit_cpu_s": 1.5 * fit_time_s, "cores_busy": 1.5,
         "final_accuracy": 0.99, "cpu_model": "Test CPU"}))
     errors = round((1 - accuracy) * 4)
-    (folder / "metrics" / f"evaluate_{device}.json").write_text(json.dumps({
+    (folder / "details" / f"evaluate_{device}.json").write_text(json.dumps({
         "test": {"loss": 0.03, "accuracy": accuracy, "errors": errors, "images": 4},
         "per_class": {str(d): {"precision": 1.0, "recall": 1.0} for d in range(10)}}))
     rows = ["index,actual,predicted,confidence", "0,7,7,0.99", "1,2,2,0.98", "2,1,1,0.97", "3,4,9,0.60"]
@@ -26,7 +27,7 @@ def fake_run_files(folder, device, fit_time_s, accuracy):
     curves = folder / "dvclive" / f"train_{device}" / "plots" / "metrics"
     for split, metric in [("train", "loss"), ("train", "accuracy"), ("train", "learning_rate"), ("eval", "loss")]:
         (curves / split).mkdir(parents=True, exist_ok=True)
-        (curves / split / f"{metric}.tsv").write_text(f"step\t{metric}\n0\t0.5\n1\t0.25\n")
+        (curves / split / f"{metric}.tsv").write_text(f"step\t{metric}\n1\t0.5\n2\t0.25\n")
 
 
 # The smallest valid PNG (1x1, grey), standing in for evaluate's picture of mistakes.
@@ -35,16 +36,18 @@ PNG_1x1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000
 
 
 def run_report(tmp_path, devices, full=True):
-    (tmp_path / "metrics").mkdir(exist_ok=True)
-    (tmp_path / "metrics" / "data.json").write_text(json.dumps(
+    (tmp_path / "details").mkdir(exist_ok=True)
+    (tmp_path / "details" / "data.json").write_text(json.dumps(
         {"source": "MNIST_NPZ" if full else "sample", "full_mnist": full,
          "train_images": 60000 if full else 6000, "test_images": 10000 if full else 1000}))
-    (tmp_path / "metrics" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 8}))
-    (tmp_path / "summary.md").write_text("| layer | type |\n|---|---|\n| conv1 | Conv2D |\n")
+    (tmp_path / "details" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 8}))
+    (tmp_path / "summary.md").write_text("| layer | type | weights |\n|---|---|---:|\n| conv1 | Conv2D | 320 |\n"
+                                         "| **total** | | **96,844** |\n")
     p = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": devices}))
-    report.main(["--metrics", str(tmp_path / "metrics"), "--plots", str(tmp_path / "plots"),
+    report.main(["--details", str(tmp_path / "details"), "--plots", str(tmp_path / "plots"),
                  "--live", str(tmp_path / "dvclive"), "--summary", str(tmp_path / "summary.md"),
-                 "--out", str(tmp_path / "reports"), "--params", str(p)])
+                 "--out", str(tmp_path / "reports"), "--curves", str(tmp_path / "reports" / "curves"),
+                 "--params", str(p)])
     return (tmp_path / "reports" / "report.md").read_text()
 
 
@@ -84,6 +87,27 @@ def test_the_html_page_is_self_contained_and_says_what_ran(tmp_path):
     assert page.count("src='data:image/png;base64,") == 7  # every image embedded: nothing to fetch
     assert "http://" not in page and "https://" not in page
     assert "code version" in page and "keras 3.15.1" in page and "cpu: cpu name (Test CPU)" in page
+    # the layer table, as report.md has it, and a caption that says what the mistakes' captions mean
+    assert "<tr><td>conv1</td><td>Conv2D</td><td>320</td></tr><tr><td>total</td><td></td><td>96,844</td></tr>" in page
+    assert "under each, the true digit, the digit the model read" in page
+
+
+def test_the_curves_for_dvc_plots_hold_every_device_and_split_by_epoch(tmp_path):
+    """One CSV per curve, epochs from 1, a series per device and split, whatever ran: what dvc.yaml's plots read."""
+    fake_run_files(tmp_path, "cpu", 50.0, 0.75)
+    fake_run_files(tmp_path, "gpu", 5.0, 0.75)
+    run_report(tmp_path, ["cpu", "gpu"])
+    curves = tmp_path / "reports" / "curves"
+    assert sorted(p.name for p in curves.iterdir()) == ["accuracy.csv", "epoch_time_s.csv", "learning_rate.csv",
+                                                       "loss.csv"]
+    assert (curves / "loss.csv").read_text().splitlines() == [
+        "epoch,series,loss", "1,cpu training,0.5", "2,cpu training,0.25", "1,cpu validation,0.5",
+        "2,cpu validation,0.25", "1,gpu training,0.5", "2,gpu training,0.25", "1,gpu validation,0.5",
+        "2,gpu validation,0.25"]
+    assert (curves / "learning_rate.csv").read_text().splitlines()[:2] == ["epoch,series,learning_rate", "1,cpu,0.5"]
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = {next(iter(plot)) for plot in dvc_yaml["plots"]}
+    assert declared == {f"reports/curves/{p.name}" for p in curves.iterdir()}  # each curve file has its chart
 
 
 def test_the_committed_report_is_from_the_full_data():

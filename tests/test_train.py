@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from stages import build_init_weights, preprocess, train
+from stages import build_init_weights, classifier, devices, preprocess, train
 from stages.common import UserError, import_keras, validate
 from tests.conftest import ROOT, tiny_params, write_params, write_processed
 
@@ -23,7 +23,8 @@ def prepared(tmp_path_factory):
         raw = {name: npz[name][:1000] for name in npz.files}
     write_processed(tmp / "data", raw)
     p = write_params(tmp / "params.yaml", tiny_params())
-    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"), "--params", str(p)])
+    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"),
+                             "--details", str(tmp / "model_details.json"), "--params", str(p)])
     return tmp
 
 
@@ -32,9 +33,9 @@ def run_train(prepared, tmp_path, device="cpu", **overrides):
     p = write_params(tmp_path / "params.yaml", tiny_params(**overrides))
     out = tmp_path / device
     train.main(["--device", device, "--data", str(prepared / "data"), "--init", str(prepared / "init"),
-                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live"),
-                "--params", str(p)])
-    return out, json.loads((tmp_path / "m.json").read_text())
+                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
+                "--live", str(tmp_path / "live"), "--params", str(p)])
+    return out, json.loads((tmp_path / "d.json").read_text())
 
 
 def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
@@ -62,8 +63,8 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
 @pytest.mark.parametrize("procedure", ["published_split", "pooled_resplit"])
 def test_the_lookup_standardizes_pixels_exactly_as_preprocess(sample_raw, procedure):
     arrays, scaler = preprocess.preprocess(sample_raw, procedure, seed=0)
-    table = train.standardize_table(json.loads(json.dumps(scaler)))  # through JSON, as the stage reads it
-    looked_up = train.lookup(table, arrays["pixels_train"])
+    table = classifier.standardize_table(json.loads(json.dumps(scaler)))  # through JSON, as the stage reads it
+    looked_up = classifier.lookup(table, arrays["pixels_train"])
     assert looked_up.dtype == np.float32
     assert np.array_equal(looked_up, arrays["x_train"].reshape(len(looked_up), -1))  # bit for bit
 
@@ -72,16 +73,16 @@ def test_fitting_on_pixels_trains_exactly_as_fitting_on_the_standardized_images(
     """The lookup wrapper changes what fit is fed, not what it computes: the same weights, bit for bit."""
     keras = import_keras("tensorflow", device="cpu")
     params = validate(tiny_params()["train"], train.TrainParams, "train")
-    train.set_up_device("tensorflow", "cpu", params.cpu, params.gpu)  # op determinism, as the stage
+    devices.set_up_device("tensorflow", "cpu", params.cpu, params.gpu)  # op determinism, as the stage
     data = prepared / "data"
-    table = train.standardize_table(json.loads((data / "scaler.json").read_text()))
+    table = classifier.standardize_table(json.loads((data / "scaler.json").read_text()))
     y = keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
 
     def fit_from_the_start(on_pixels):
         keras.utils.set_random_seed(0)
         model = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
         model.load_weights(prepared / "init" / "initial.weights.h5")
-        net = train.standardizing(keras, model, table) if on_pixels else model
+        net = classifier.classifier(keras, model, table) if on_pixels else model
         net.compile(optimizer="rmsprop", loss="categorical_crossentropy")
         x = np.load(data / ("pixels_train.npy" if on_pixels else "x_train.npy"))
         net.fit(x, y, batch_size=128, epochs=2, shuffle=True, verbose=0)
@@ -102,7 +103,8 @@ def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
     np.save(data / "pixels_train.npy", pixels)
     p = write_params(tmp_path / "params.yaml", tiny_params())
     args = ["--device", "cpu", "--data", str(data), "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"),
-            "--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live"), "--params", str(p)]
+            "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
+            "--live", str(tmp_path / "live"), "--params", str(p)]
     with pytest.raises(UserError, match=r"pixels_train.npy and scaler.json do not give x_train.npy's values: "
                                         r"run `dvc repro -f preprocess`"):
         train.main(args)
@@ -118,9 +120,9 @@ def test_training_on_the_torch_backend(prepared, tmp_path):
     p = write_params(tmp_path / "params.yaml", tiny_params(**{"base.backend": "torch", "train.epochs": 2}))
     subprocess.run([sys.executable, "-m", "stages.train", "--device", "cpu", "--data", str(prepared / "data"),
                     "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"), "--metrics",
-                    str(tmp_path / "m.json"), "--live", str(tmp_path / "live"), "--params", str(p)],
-                   cwd=ROOT, check=True, capture_output=True)
-    m = json.loads((tmp_path / "m.json").read_text())
+                    str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"), "--live", str(tmp_path / "live"),
+                    "--params", str(p)], cwd=ROOT, check=True, capture_output=True)
+    m = json.loads((tmp_path / "d.json").read_text())
     assert m["backend"] == "torch" and m["placement"] == "cpu" and m["train_images"] == 1000
     assert m["final_accuracy"] > 0.2  # it learns: 16 steps of a tiny network; chance is 0.1
 
@@ -128,13 +130,13 @@ def test_training_on_the_torch_backend(prepared, tmp_path):
 LOOKUP_CHECK = """
 import json, sys
 import numpy as np
-from stages import train
+from stages import classifier
 from stages.common import import_keras
 keras = import_keras(sys.argv[1], device="cpu")
 data = sys.argv[2]
-table = train.standardize_table(json.load(open(data + "/scaler.json")))
+table = classifier.standardize_table(json.load(open(data + "/scaler.json")))
 model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Identity()])
-out = keras.ops.convert_to_numpy(train.standardizing(keras, model, table)(np.load(data + "/pixels_train.npy")[:64]))
+out = keras.ops.convert_to_numpy(classifier.classifier(keras, model, table)(np.load(data + "/pixels_train.npy")[:64]))
 print(np.array_equal(out, np.load(data + "/x_train.npy")[:64]), out.dtype, out.shape)
 """
 
@@ -229,6 +231,6 @@ def test_mixed_precision_changes_every_layer_but_input_and_output(prepared):
 
 
 def test_placement_names_the_device():
-    assert train.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
-    assert train.on_gpu("cuda:0") and train.on_gpu("cuda:0")
-    assert not train.on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not train.on_gpu("TFRT_CPU_0")
+    assert devices.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
+    assert devices.on_gpu("cuda:0") and devices.on_gpu("cuda:0")
+    assert not devices.on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not devices.on_gpu("TFRT_CPU_0")

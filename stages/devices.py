@@ -1,0 +1,91 @@
+"""Devices: what must be set before a backend is imported, thread and memory settings, and where a run ran.
+
+train's --device gpu fails unless the backend sees a GPU, and after training
+the weights' actual placement is checked (placement, on_gpu), so a run is
+never labeled GPU that ran on a CPU.
+"""
+
+import platform
+from pathlib import Path
+
+from stages.common import UserError
+
+
+def device_env(backend, device, gpu):
+    """Environment variables that must be set before the backend is imported."""
+    env = {}
+    if backend == "jax" and device == "gpu":
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false" if gpu.memory_growth else "true"
+        env["XLA_FLAGS"] = "--xla_gpu_deterministic_ops=true"
+    if backend == "torch" and device == "gpu":
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # needed for deterministic cuBLAS
+    return env
+
+
+def set_up_device(backend, device, cpu, gpu):
+    """Apply thread/memory settings and determinism; return the framework's name for the device.
+
+    Raises a UserError when --device gpu is asked for and the backend sees no GPU.
+    """
+    no_gpu = (f"train.devices includes 'gpu' but {backend} sees no GPU; remove 'gpu' from "
+              f"train.devices, or install {backend} with CUDA support")
+    if backend == "tensorflow":
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+        if cpu.intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(cpu.intra_op_threads)
+        if cpu.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(cpu.inter_op_threads)
+        if device == "cpu":
+            return tf.config.list_physical_devices("CPU")[0].name
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            raise UserError(no_gpu)
+        if gpu.memory_limit_mb:
+            tf.config.set_logical_device_configuration(
+                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=gpu.memory_limit_mb)])
+        elif gpu.memory_growth:
+            tf.config.experimental.set_memory_growth(gpus[0], True)
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+    if backend == "jax":
+        import jax
+        devices = jax.devices()
+        if device == "gpu" and devices[0].platform != "gpu":
+            raise UserError(no_gpu)
+        return f"{devices[0].platform}:{devices[0].device_kind}"
+    import torch
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cpu.intra_op_threads:
+        torch.set_num_threads(cpu.intra_op_threads)
+    if cpu.inter_op_threads:
+        torch.set_num_interop_threads(cpu.inter_op_threads)
+    if device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UserError(no_gpu)
+    if gpu.memory_limit_mb:
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu.memory_limit_mb / total_mb))
+    return torch.cuda.get_device_name(0)
+
+
+def placement(variable):
+    """Where a Keras variable's value actually lives, as the backend names it."""
+    value = variable.value
+    if hasattr(value, "devices"):  # jax
+        return ",".join(sorted(str(d) for d in value.devices()))
+    return str(value.device)
+
+
+def on_gpu(where):
+    return "gpu" in where.lower() or "cuda" in where.lower()
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

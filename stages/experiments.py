@@ -1,0 +1,164 @@
+"""experiments: the experiments table in a terminal's width: state, the params that differ, the headline metrics.
+
+    python -m stages.experiments [--md] [--width N] [any option of `dvc exp show`, e.g. -A]
+
+Reads `dvc exp show --json` and prints one row per experiment (and the
+workspace and the commit they came from): its name, its state (Success,
+Failed, Queued, Running), the params whose values differ between the rows,
+and the metrics of `dvc metrics show`: test accuracy and loss and fit time per
+device, the weight count, whether the full MNIST was used. An experiment that
+did not finish shows no metrics (DVC lists it with the numbers of the
+workspace it was queued from) and, when it failed, the line under it gives the
+one-line reason from its log. Not a pipeline stage: a tool over DVC.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+from stages.common import UserError, run
+
+FINISHED = ("Success", "")  # a finished experiment, the workspace and a commit have metrics of their own
+# Short labels for the headline metrics, in the order the table shows them; other metrics follow.
+LABELS = {"test.accuracy": "acc", "test.loss": "loss", "fit_time_s": "fit s", "weights": "weights",
+          "full_mnist": "full MNIST"}
+
+
+def flatten(tree, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def metric_columns(files):
+    """{metrics file: {key: value}} -> {label: (value, key)}; metrics/evaluate_cpu.json's test.accuracy: 'cpu acc'.
+
+    Ordered as LABELS, a device's metrics together.
+    """
+    columns = []
+    for path, values in files.items():
+        device = re.fullmatch(r".*/(?:train|evaluate)_(\w+)\.json", path)
+        for key, value in flatten(values).items():
+            label = LABELS.get(key, key)
+            order = list(LABELS).index(key) if key in LABELS else len(LABELS)
+            columns.append(((device.group(1) if device else "~", order), f"{device.group(1)} {label}" if device else
+                            label, (value, key)))
+    return {label: value for _, label, value in sorted(columns, key=lambda c: c[0])}
+
+
+def state(rev, executor):
+    """An experiment's state as DVC knows it: Success, Failed, Queued or Running."""
+    if executor:
+        return executor["state"].capitalize()
+    return "Failed" if rev.get("error") else "Success"  # run in the workspace, or by a queue worker now gone
+
+
+def failure_reason(executor):
+    """The failed run's own one-line error (our stages print 'error: ...'), else DVC's last ERROR line."""
+    log = ((executor or {}).get("local") or {}).get("log")
+    try:
+        lines = [line.strip() for line in open(log, encoding="utf-8", errors="replace")] if log else []
+    except OSError:
+        lines = []
+    ours = [line for line in lines if line.startswith("error: ")]
+    theirs = [line for line in lines if line.startswith("ERROR: ")]
+    return (ours or theirs or ["the reason is in `dvc queue logs <name>`"])[-1]
+
+
+def rows_from(show):
+    """`dvc exp show --json` -> [{"name", "state", "params", "metrics", "reason", "depth"}], in DVC's order."""
+    rows = []
+
+    def row(rev, name, executor, depth):
+        data = rev.get("data") or {}
+        params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+        metrics = metric_columns({path: (entry or {}).get("data") or {}
+                                  for path, entry in (data.get("metrics") or {}).items()})
+        status = state(rev, executor) if depth else ""
+        rows.append({"name": name, "state": status, "params": params, "depth": depth,
+                     "metrics": metrics if status in FINISHED else {},  # never another run's numbers
+                     "reason": failure_reason(executor) if status == "Failed" else None})
+
+    for baseline in show:
+        rev = baseline["rev"]
+        name = "workspace" if rev == "workspace" else f"{baseline.get('name') or 'commit'} ({rev[:7]})"
+        row(baseline, name, None, 0)
+        for experiment in baseline.get("experiments") or []:
+            last = experiment["revs"][-1]
+            row(last, experiment.get("name") or last.get("name") or last["rev"][:7], experiment.get("executor"), 1)
+    return rows
+
+
+def differing(rows):
+    """The params whose values are not the same in every row, in params.yaml's order."""
+    keys = list(dict.fromkeys(key for r in rows for key in r["params"]))
+    return [key for key in keys if len({json.dumps(r["params"].get(key)) for r in rows}) > 1]
+
+
+def param_cell(value):
+    """A param as params.yaml writes it (what `-S key=value` takes)."""
+    return "-" if value is None else json.dumps(value) if isinstance(value, bool | list) else str(value)
+
+
+def metric_cell(value_and_key):
+    value, key = value_and_key or (None, "")
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}" if key.endswith("_s") else f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def table(rows, markdown=False, width=120):
+    """The rows as a text table (or Markdown); a failed row's reason on the line under it."""
+    params = differing(rows)
+    metrics = list(dict.fromkeys(key for r in rows for key in r["metrics"]))
+    header = ["Experiment", "State", *params, *metrics]
+    body = []
+    for r in rows:
+        name = ("  " * r["depth"]) + r["name"] if not markdown else r["name"]
+        body.append([name, r["state"] or "-", *(param_cell(r["params"].get(k)) for k in params),
+                     *(metric_cell(r["metrics"].get(k)) for k in metrics)])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        reasons = [f"- **{r['name']}** failed: {r['reason']}" for r in rows if r["reason"]]
+        return "\n".join(lines + ([""] + reasons if reasons else []))
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *body, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+             for cells in [header, *body]]
+    out = [lines[0]]
+    for r, line in zip(rows, lines[1:], strict=True):
+        out.append(line)
+        if r["reason"]:
+            out += textwrap.wrap(r["reason"], width=width, initial_indent="    └ ", subsequent_indent="      ")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--md", action="store_true", help="a Markdown table")
+    parser.add_argument("--width", type=int, default=shutil.get_terminal_size((120, 24)).columns,
+                        help="wrap failure reasons at this width (default: the terminal's)")
+    args, dvc_args = parser.parse_known_args(argv)
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *dvc_args],
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise UserError(f"`dvc exp show --json {' '.join(dvc_args)}` failed: "
+                        f"{' '.join(shown.stderr.split()) or 'no message'}")
+    print(table(rows_from(json.loads(shown.stdout)), markdown=args.md, width=args.width))
+
+
+if __name__ == "__main__":
+    run(main)
