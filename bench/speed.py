@@ -13,7 +13,7 @@ In a temporary copy of the project, on the full MNIST (it refuses the sample):
   3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %;
   4. the ceiling: the CPU's matrix-product rate (bench/peak.py, before and
      after the runs, the better kept) and the model's training FLOPs
-     (metrics/model.json) give the fit time no code could beat, and each
+     (details/model.json) give the fit time no code could beat, and each
      run's share of it.
 Writes everything to a JSON file and prints a table. --quick: one run of each.
 Not a test: it asserts nothing, it measures.

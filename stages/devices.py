@@ -32,11 +32,11 @@ def set_up_device(backend, device, cpu, gpu):
     if backend == "tensorflow":
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
-        if cpu.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(cpu.intra_op_threads)
-        if cpu.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(cpu.inter_op_threads)
-        if device == "cpu":
+        if device == "cpu":  # train.cpu.* are the CPU run's settings (train@gpu does not declare them)
+            if cpu.intra_op_threads:
+                tf.config.threading.set_intra_op_parallelism_threads(cpu.intra_op_threads)
+            if cpu.inter_op_threads:
+                tf.config.threading.set_inter_op_parallelism_threads(cpu.inter_op_threads)
             return tf.config.list_physical_devices("CPU")[0].name
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
@@ -55,11 +55,11 @@ def set_up_device(backend, device, cpu, gpu):
         return f"{devices[0].platform}:{devices[0].device_kind}"
     import torch
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if cpu.intra_op_threads:
-        torch.set_num_threads(cpu.intra_op_threads)
-    if cpu.inter_op_threads:
-        torch.set_num_interop_threads(cpu.inter_op_threads)
     if device == "cpu":
+        if cpu.intra_op_threads:
+            torch.set_num_threads(cpu.intra_op_threads)
+        if cpu.inter_op_threads:
+            torch.set_num_interop_threads(cpu.inter_op_threads)
         return "cpu"
     if not torch.cuda.is_available():
         raise UserError(no_gpu)

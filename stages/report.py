@@ -151,14 +151,17 @@ def render(params, data, model, summary, runs):
     return "\n".join(out)
 
 
+CODE = ["stages", "dvc.yaml", "params.yaml"]  # what makes the results; the results themselves are always new here
+
+
 def code_version():
-    """The git commit the report was made from ('+ changes' when the tree differs), or 'unknown'."""
+    """The git commit of the code and params the report was made from ('+ changes' when they differ from it)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE], capture_output=True,
                                text=True, check=True).stdout.strip()
-        return commit + (" + uncommitted changes" if dirty else "")
+        return commit + (" + uncommitted changes to the code or params" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 

@@ -191,6 +191,11 @@ def fit(keras, model, x, y, train, live):
     return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def declared(train, device):
+    """The train params this device's stage reads (dvc.yaml lists them): not the device list, not the other's."""
+    return train.model_dump(exclude={"devices", *({"cpu", "gpu"} - {device})})
+
+
 def progress_verbosity(stream):
     """Keras's verbose: a progress bar within each epoch on a terminal, one line per epoch in a log."""
     return 1 if stream.isatty() else 2
@@ -269,7 +274,8 @@ def main(argv=None):
             # the same layers, uncompiled: no optimizer state or training config in the file users load
             keras.Model(fitted.input, fitted.output, name=fitted.name).save(tmp / "classifier.keras")
             (tmp / "params.json").write_text(json.dumps(
-                {"base": base.model_dump(), "train": train.model_dump(), "device": args.device}, indent=2) + "\n")
+                {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device},
+                indent=2) + "\n")
         write_json(args.details, details)
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
     print(f"fit {fit_s:.1f} s on {device_name} ({details['samples_per_s']:.0f} images/s), "

@@ -58,6 +58,8 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
     assert not (live / "plots" / "metrics" / "eval").exists()  # no validation split, no validation curves
     saved = json.loads((out_a / "params.json").read_text())
     assert saved["train"]["epochs"] == 2 and saved["device"] == "cpu"
+    assert "cpu" in saved["train"] and not {"devices", "gpu"} & set(saved["train"])  # only what train@cpu reads
+    assert loss[1].startswith("1\t")  # DVCLive's steps are epochs, counted from 1
 
 
 @pytest.mark.parametrize("procedure", ["published_split", "pooled_resplit"])
