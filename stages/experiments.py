@@ -9,7 +9,10 @@ and the metrics of `dvc metrics show`: test accuracy and loss and fit time per
 device, the weight count, whether the full MNIST was used. An experiment that
 did not finish shows no metrics (DVC lists it with the numbers of the
 workspace it was queued from) and, when it failed, the line under it gives the
-one-line reason from its log. Not a pipeline stage: a tool over DVC.
+one-line reason from its log. Nor does the workspace when `dvc status` finds
+its outputs out of date (after `git checkout params.yaml`, say): its params
+and its numbers would belong to different runs. Not a pipeline stage: a tool
+over DVC.
 """
 
 import argparse
@@ -23,6 +26,8 @@ import textwrap
 from stages.common import UserError, run
 
 FINISHED = ("Success", "")  # a finished experiment, the workspace and a commit have metrics of their own
+STALE = "Changed"
+STALE_NOTE = "the workspace's outputs are not from its params and code (`dvc status`); `dvc repro` updates them"
 # Short labels for the headline metrics, in the order the table shows them; other metrics follow.
 LABELS = {"test.accuracy": "acc", "test.loss": "loss", "fit_time_s": "fit s", "weights": "weights",
           "full_mnist": "full MNIST"}
@@ -74,8 +79,11 @@ def failure_reason(executor):
     return (ours or theirs or ["the reason is in `dvc queue logs <name>`"])[-1]
 
 
-def rows_from(show):
-    """`dvc exp show --json` -> [{"name", "state", "params", "metrics", "reason", "depth"}], in DVC's order."""
+def rows_from(show, workspace_changed=False):
+    """`dvc exp show --json` -> [{"name", "state", "params", "metrics", "reason", "depth"}], in DVC's order.
+
+    workspace_changed: `dvc status` found the workspace's outputs out of date.
+    """
     rows = []
 
     def row(rev, name, executor, depth):
@@ -83,10 +91,11 @@ def rows_from(show):
         params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
         metrics = metric_columns({path: (entry or {}).get("data") or {}
                                   for path, entry in (data.get("metrics") or {}).items()})
-        status = state(rev, executor) if depth else ""
+        status = state(rev, executor) if depth else (STALE if name == "workspace" and workspace_changed else "")
         rows.append({"name": name, "state": status, "params": params, "depth": depth,
                      "metrics": metrics if status in FINISHED else {},  # never another run's numbers
-                     "reason": failure_reason(executor) if status == "Failed" else None})
+                     "reason": failure_reason(executor) if status == "Failed" else STALE_NOTE if status == STALE
+                     else None})
 
     for baseline in show:
         rev = baseline["rev"]
@@ -133,7 +142,7 @@ def table(rows, markdown=False, width=120):
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        reasons = [f"- **{r['name']}** failed: {r['reason']}" for r in rows if r["reason"]]
+        reasons = [f"- **{r['name']}** {r['state'].lower()}: {r['reason']}" for r in rows if r["reason"]]
         return "\n".join(lines + ([""] + reasons if reasons else []))
     widths = [max(len(str(c)) for c in column) for column in zip(header, *body, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -146,18 +155,22 @@ def table(rows, markdown=False, width=120):
     return "\n".join(out)
 
 
+def dvc_json(*args):
+    """The JSON a `dvc ... --json` command prints, or a UserError with DVC's message."""
+    shown = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise UserError(f"`dvc {' '.join(args)} --json` failed: {' '.join(shown.stderr.split()) or 'no message'}")
+    return json.loads(shown.stdout)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--md", action="store_true", help="a Markdown table")
     parser.add_argument("--width", type=int, default=shutil.get_terminal_size((120, 24)).columns,
                         help="wrap failure reasons at this width (default: the terminal's)")
     args, dvc_args = parser.parse_known_args(argv)
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *dvc_args],
-                           capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise UserError(f"`dvc exp show --json {' '.join(dvc_args)}` failed: "
-                        f"{' '.join(shown.stderr.split()) or 'no message'}")
-    print(table(rows_from(json.loads(shown.stdout)), markdown=args.md, width=args.width))
+    rows = rows_from(dvc_json("exp", "show", *dvc_args), workspace_changed=bool(dvc_json("status")))
+    print(table(rows, markdown=args.md, width=args.width))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,11 @@ def test_markdown_lists_the_failures_under_the_table(show):
     assert "| sunk-yarn | Failed | adagrad | - | - | - | - | - |" in text
     assert text.splitlines()[-1] == ("- **sunk-yarn** failed: error: params.yaml: train.optimizer = 'adagrad': "
                                      "Input should be 'rmsprop', 'sgd' or 'adam'")
+
+
+def test_a_workspace_out_of_date_shows_no_numbers(show):
+    """After `git checkout params.yaml` the workspace pairs the committed params with an experiment's outputs."""
+    rows = {r["name"]: r for r in experiments.rows_from(show, workspace_changed=True)}
+    assert rows["workspace"]["state"] == "Changed" and rows["workspace"]["metrics"] == {}
+    assert "`dvc repro` updates them" in rows["workspace"]["reason"]
+    assert rows["main (a1b2c3d)"]["metrics"]  # a commit's numbers are its own
