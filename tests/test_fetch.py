@@ -2,6 +2,7 @@ import hashlib
 import http.server
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,14 @@ def test_main_fails_without_writing_anything(isolated_env):
                     "--params", str(p)])
     assert not out.exists() and not metrics.exists() and not (isolated_env / "d.json").exists()
     assert [f.name for f in isolated_env.iterdir() if f.name.startswith(".")] == []
+
+
+def test_the_slow_tests_look_for_the_full_data_where_fetch_does(tmp_path):
+    """`pytest -m slow` finds mnist.npz as fetch would: MNIST_NPZ first, then the Keras cache."""
+    from tests.conftest import full_mnist_npz
+    cache = fetch.keras_cache_file({"KERAS_HOME": str(tmp_path)})
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"stand-in")
+    assert full_mnist_npz({"KERAS_HOME": str(tmp_path)}) == cache
+    assert full_mnist_npz({"MNIST_NPZ": "/data/mnist.npz", "KERAS_HOME": str(tmp_path)}) == Path("/data/mnist.npz")
+    assert full_mnist_npz({"KERAS_HOME": str(tmp_path / "elsewhere")}) is None

@@ -341,7 +341,9 @@ def test_the_readmes_experiments_section_runs_as_written(project):
         assert max(map(len, table)) <= 120, "\n".join(table)
         header = re.split(r"\s{2,}", table[0])
         assert header[:2] == ["Experiment", "State"] and "train.optimizer" in header and "cpu acc" in header
-        sweep = [re.split(r"\s{2,}", line.strip()) for line in table if line.startswith("  ")]
+        workspace = re.split(r"\s{2,}", table[1].strip())  # the committed params beside epochs3's outputs
+        assert workspace[:2] == ["workspace", "Changed"] and workspace[header.index("cpu acc")] == "-", table[1]
+        sweep = [re.split(r"\s{2,}", line.strip()) for line in table if line.startswith("  ") and "└" not in line]
         optimizer = header.index("train.optimizer")
         states = {row[optimizer]: row[1] for row in sweep if row[header.index("train.epochs")] == "1"}
         assert states == {"rmsprop": "Success", "adam": "Success", "sgd": "Success"}, "\n".join(table)
