@@ -24,6 +24,12 @@ def full_mnist_npz(env):
 FULL_MNIST = full_mnist_npz(os.environ)  # found before the tests give themselves their own HOME (git_identity)
 
 
+def readme_block(section, language):
+    """The first ```{language} block under README.md's heading `## {section}`: what the tests run as written."""
+    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
 def tiny_params(**overrides):
     """params.yaml's values with a small model and 1 epoch, so a run takes seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from stages import build_init_weights, evaluate, fetch, preprocess, report, train
-from tests.conftest import ROOT, tiny_params, write_params
+from tests.conftest import ROOT, readme_block, tiny_params, write_params
 
 PROJECT_FILES = ["stages", "dvc.yaml", "data/sample", ".dvcignore", "templates"]
 ALL_CPU_STAGES = {"fetch", "preprocess", "build_init_weights", "train@cpu", "evaluate@cpu", "report"}
@@ -308,10 +308,7 @@ def test_the_classifier_is_a_dvc_artifact_that_others_can_get(project, tmp_path)
 
 def readme_commands(section):
     """The commands of the first bash block under the README's heading `## {section}`, as lists of words."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    block = body.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
+    return [shlex.split(line.split("  #")[0]) for line in readme_block(section, "bash").splitlines() if line.strip()]
 
 
 def test_the_readmes_experiments_section_runs_as_written(project):

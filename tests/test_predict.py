@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages import build_init_weights, predict, train
 from stages.common import UserError, import_keras
-from tests.conftest import ROOT, SAMPLE, tiny_params, write_params, write_processed
+from tests.conftest import ROOT, SAMPLE, readme_block, tiny_params, write_params, write_processed
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +109,6 @@ def test_to_mnist_keeps_28x28_and_centres_bigger_images(sample_raw):
     assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1
 
 
-def readme_python(section):
-    """The first Python block under the README's heading `## {section}`."""
-    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return body.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 def test_the_classifier_loads_and_predicts_as_the_readme_shows(trained, tmp_path):
     """README's lines, run as written, in a process that imports Keras only (no code of ours), safe mode on.
 
@@ -122,7 +116,7 @@ def test_the_classifier_loads_and_predicts_as_the_readme_shows(trained, tmp_path
     standardization inside it is the training's.
     """
     model, images, _, oracle = trained
-    code = readme_python("Use the trained model")
+    code = readme_block("Use the trained model", "python")
     assert len(code.strip().splitlines()) <= 3 and "import stages" not in code and "safe_mode=False" not in code
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "cpu").symlink_to(model)
