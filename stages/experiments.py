@@ -47,17 +47,16 @@ def flatten(tree, prefix=""):
 def metric_columns(files):
     """{metrics file: {key: value}} -> {label: (value, key)}; metrics/evaluate_cpu.json's test.accuracy: 'cpu acc'.
 
-    Ordered as LABELS, a device's metrics together.
+    A device's metrics first and together, each group in LABELS's order; then the others.
     """
     columns = []
     for path, values in files.items():
         device = re.fullmatch(r".*/(?:train|evaluate)_(\w+)\.json", path)
+        prefix = f"{device.group(1)} " if device else ""
         for key, value in flatten(values).items():
-            label = LABELS.get(key, key)
-            order = list(LABELS).index(key) if key in LABELS else len(LABELS)
-            columns.append(((device.group(1) if device else "~", order), f"{device.group(1)} {label}" if device else
-                            label, (value, key)))
-    return {label: value for _, label, value in sorted(columns, key=lambda c: c[0])}
+            rank = list(LABELS).index(key) if key in LABELS else len(LABELS)
+            columns.append((not device, prefix, rank, prefix + LABELS.get(key, key), (value, key)))
+    return {label: value for *_, label, value in sorted(columns, key=lambda column: column[:3])}
 
 
 def state(rev, executor):
@@ -130,7 +129,7 @@ def metric_cell(value_and_key):
 
 
 def table(rows, markdown=False, width=120):
-    """The rows as a text table (or Markdown); a failed row's reason on the line under it."""
+    """The rows as a text table (or Markdown); a row's reason (failed, or out of date) on the line under it."""
     params = differing(rows)
     metrics = list(dict.fromkeys(key for r in rows for key in r["metrics"]))
     header = ["Experiment", "State", *params, *metrics]
