@@ -14,9 +14,15 @@ from stages.common import UserError
 def device_env(backend, device, gpu):
     """Environment variables that must be set before the backend is imported."""
     env = {}
+    if device == "gpu":
+        # float32 means float32: since Ampere, cuBLAS and cuDNN run float32 products and
+        # convolutions in TF32 (a 10-bit mantissa) where the framework allows it, and TensorFlow,
+        # JAX and PyTorch's convolutions allow it by default. This turns it off in the libraries.
+        env["NVIDIA_TF32_OVERRIDE"] = "0"
     if backend == "jax" and device == "gpu":
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false" if gpu.memory_growth else "true"
         env["XLA_FLAGS"] = "--xla_gpu_deterministic_ops=true"
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # XLA's own kernels: full float32 too
     if backend == "torch" and device == "gpu":
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # needed for deterministic cuBLAS
     return env
@@ -41,6 +47,7 @@ def set_up_device(backend, device, cpu, gpu):
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
             raise UserError(no_gpu)
+        tf.config.experimental.enable_tensor_float_32_execution(False)  # float32 as float32 (see device_env)
         if gpu.memory_limit_mb:
             tf.config.set_logical_device_configuration(
                 gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=gpu.memory_limit_mb)])
@@ -63,6 +70,8 @@ def set_up_device(backend, device, cpu, gpu):
         return "cpu"
     if not torch.cuda.is_available():
         raise UserError(no_gpu)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 as float32 (see device_env)
+    torch.backends.cudnn.allow_tf32 = False
     if gpu.memory_limit_mb:
         total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu.memory_limit_mb / total_mb))
