@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, model_validator
 
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
-                           load_params, run, write_json)
+                           load_params, run, write_json, write_manifest)
 
 INPUT_SHAPE = (28, 28, 1)
 N_CLASSES = 10
@@ -31,15 +31,18 @@ Activation = Literal["relu", "sigmoid", "elu", "tanh"]
 LAYER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
+Side = Annotated[int, Field(gt=0, le=INPUT_SHAPE[0])]  # a square window on a 28x28 image
+
+
 class ConvBlock(Strict):
-    filters: PositiveInt
-    kernel_size: PositiveInt  # square kernel, "valid" padding, as in the seed
+    filters: Annotated[int, Field(gt=0, le=4096)]
+    kernel_size: Side  # square kernel, "valid" padding, as in the seed
     activation: Activation
-    pool_size: PositiveInt | None  # square max pooling after the convolution; null: none
+    pool_size: Side | None  # square max pooling after the convolution; null: none
 
 
 class DenseLayer(Strict):
-    units: PositiveInt
+    units: Annotated[int, Field(gt=0, le=65536)]
     activation: Activation
 
 
@@ -54,6 +57,12 @@ class ModelParams(Strict):
     output_activation: Literal["softmax", "sigmoid"]
     l2: L2Params
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # before each dense layer
+
+    @model_validator(mode="after")
+    def _together(self):
+        """The architecture's own rules: every stage that reads `model` sees them."""
+        check_architecture(self)
+        return self
 
 
 def check_architecture(model):
@@ -210,6 +219,7 @@ def main(argv=None):
         (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
         model.save_weights(tmp / "initial.weights.h5")
         (tmp / "summary.md").write_text(summary_table(model))
+        write_manifest(tmp, "build_init_weights")
     write_json(args.details, {"weights": n_weights, "layers": len(model.layers), "architecture": describe(arch),
                               "train_flops_per_image": train_flops(arch)})
     write_json(args.metrics, {"weights": n_weights})

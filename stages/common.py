@@ -3,9 +3,11 @@
 Kept small on purpose: anything only one stage needs lives in that stage.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import typing
@@ -13,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
@@ -23,26 +24,59 @@ BACKENDS = ("tensorflow", "jax", "torch")
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad params, missing data): one line, no traceback."""
+    """A problem the user can fix (bad params, missing data): one line, no traceback.
+
+    One line whatever it quotes: a key or value holding a line break is shown with it escaped.
+    """
+
+    def __init__(self, message):
+        super().__init__(" ".join(repr(line)[1:-1] if i else line
+                                  for i, line in enumerate(str(message).splitlines())) or str(message))
 
 
 class Strict(BaseModel):
-    """A params section: unknown keys and loosely typed values are refused."""
+    """A params section: unknown keys, loosely typed values and non-finite floats are refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class BaseParams(Strict):
-    seed: int
+    seed: typing.Annotated[int, Field(ge=0, lt=2**32)]  # NumPy's seeds are 32-bit
     backend: Literal["tensorflow", "jax", "torch"]
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (temporary outputs are removed on the way) and exit.
+
+    A BaseException, as KeyboardInterrupt is, so that no library's `except Exception` swallows it.
+    """
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def run(main):
-    """Run a stage's main(); a UserError becomes one line on stderr and exit 2."""
+    """Run a stage's main(): a UserError becomes one line on stderr and exit 1.
+
+    SIGINT (Ctrl-C) and SIGTERM (`kill`, `timeout`, a CI cancel) end it with one
+    line too, exit 128 + the signal's number, after the temporary outputs are
+    removed (atomic_path's cleanup runs as the exception unwinds).
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         main()
+        # done and written: a signal from here on (Python's shutdown would die of it) changes nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except UserError as err:
         sys.exit(f"error: {err}")
+    except Interrupted as err:
+        signum = signal.Signals[str(err)]
+        print(f"error: interrupted by {signum.name}; nothing half-written was left (run it again to finish)",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 # --- params -----------------------------------------------------------------
@@ -54,18 +88,44 @@ def load_params(path, **schemas):
     {"base": BaseParams(...), "train": TrainParams(...)}.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: run from the project root, where params.yaml is") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
     return {name: validate(raw.get(name), schema, name, path) for name, schema in schemas.items()}
+
+
+def read_yaml(path):
+    """params.yaml as DVC reads it: YAML 1.2 (ruamel.yaml's safe loader, DVC's own parser).
+
+    PyYAML is YAML 1.1, where `1e-3` is a string and `on` is true: the stages
+    would then see other values than `dvc params diff` and `-S` do. Duplicate
+    keys and bytes that are not UTF-8 are refused rather than guessed at.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project root, where params.yaml is") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                        f"save the file as UTF-8") from None
+    try:
+        return YAML(typ="safe").load(text)
+    except DuplicateKeyError as err:
+        raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}; "
+                        f"keep one of the two") from None
+    except MarkedYAMLError as err:
+        where = f"line {err.problem_mark.line + 1}: " if err.problem_mark else ""
+        raise UserError(f"{path} is not valid YAML: {where}{err.problem or err.context}") from None
+    except YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def validate(section, schema, name, path=PARAMS_FILE):
@@ -77,13 +137,19 @@ def validate(section, schema, name, path=PARAMS_FILE):
     except ValidationError as err:
         # A misspelt key is both unknown and missing; naming the unknown one helps more.
         first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        key = ".".join([name, *map(str, first["loc"])])
+        key = ".".join([name, *map(key_text, first["loc"])])
         if first["type"] == "extra_forbidden":
             allowed = _allowed_keys(schema, first["loc"][:-1])
             raise UserError(f"{path}: unknown key {key}; allowed here: {allowed}") from None
         if first["type"] == "missing":
             raise UserError(f"{path}: missing key {key}; add it (see README.md)") from None
         raise UserError(f"{path}: {key} = {first['input']!r}: {first['msg']}") from None
+
+
+def key_text(part):
+    """A key as the message shows it: plain names as they are, anything else quoted (no line breaks)."""
+    part = str(part)
+    return part if part.replace("_", "").isalnum() and part.isascii() else repr(part)
 
 
 def _allowed_keys(schema, loc):
@@ -100,30 +166,105 @@ def _allowed_keys(schema, loc):
 
 # --- atomic outputs ---------------------------------------------------------
 
+TMP_PREFIX = ".tmp-"  # .gitignore and .dvcignore name it: git never offers it, DVC never hashes it
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder):
+    """Remove the temporaries in `folder` whose process is gone (killed with SIGKILL, say)."""
+    for path in Path(folder).glob(f"{TMP_PREFIX}*"):
+        pid = path.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(final):
     """Yield a temporary path beside `final`; rename it into place on success.
 
-    Works for files and folders. The temporary name keeps the final suffix
-    (Keras insists on `.keras` and `.weights.h5`). On error it is removed and
-    `final` is left as it was.
+    Works for files and folders. The temporary folder is `.tmp-<pid>-...`
+    beside `final`: ignored by git and DVC, removed on any error or signal,
+    and, after a SIGKILL, removed by the next run (its pid is gone). The
+    temporary name keeps the final suffix (Keras insists on `.keras` and
+    `.weights.h5`). An old folder is first renamed out of the way, so that
+    `final` is at every moment either the old output, the new one, or absent:
+    never half of either.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale(final.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f".{final.name}",
+                                    dir=final.parent))
     tmp = tmp_dir / final.name
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # the two renames go together: a SIGINT or SIGTERM between them would leave no output at all
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if final.is_dir() and not final.is_symlink():
+                os.replace(final, tmp_dir / "old")
+            os.replace(tmp, final)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def to_json(data, **kwargs):
+    """Strict JSON: a NaN or infinity is an error here, never `NaN` in a file that JSON readers refuse."""
+    return json.dumps(data, allow_nan=False, **kwargs)
+
+
 def write_json(path, data):
+    text = to_json(data, indent=2) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(text)
+
+
+def npz_headers(path, prefix=""):
+    """{name: (shape, dtype)} of an .npz's arrays, from its zip directory and .npy headers only.
+
+    A few KB are read whatever the file declares, so a hostile or damaged file
+    is refused (a UserError, `prefix` before its path) in bounded memory and
+    time: a member whose size does not match its header, Python objects, or a
+    file that is not a zip of .npy arrays.
+    """
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"array {name!r} has .npy format version {version}, not 1.0 or 2.0")
+                    shape, _, dtype = read_header(member)
+                    header_size = member.tell()
+                if dtype.hasobject:
+                    raise UserError(f"{prefix}{path}: array {name!r} holds Python objects; refusing to load it")
+                if info.file_size != header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                    raise UserError(f"{prefix}{path}: array {name!r}'s size does not match its header "
+                                    f"{shape} {dtype}; the file is damaged")
+                headers[name] = (tuple(shape), dtype)
+            return headers
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as err:
+        raise UserError(f"{prefix}cannot read {path} as .npz ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())}); the file is damaged or not an .npz") from None
 
 
 def read_json(path):
@@ -131,6 +272,58 @@ def read_json(path):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"{path} not found: run `dvc repro` to make it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is damaged (not JSON: {err}); run `dvc repro -f` on the stage that "
+                        f"writes it") from None
+
+
+# --- integrity of what stages read --------------------------------------------
+# Each stage that writes a folder records in it the md5 (DVC 3's hash: the cache object's name) and
+# size of every file; each stage that reads one checks the files it reads. DVC trusts its cache: an
+# object damaged on disk (same size, same time) is checked out as it is, and `dvc status` calls it up
+# to date. The check turns that into one line with the recovery that works.
+
+MANIFEST = "manifest.json"
+
+
+def file_md5(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def manifest(folder, stage):
+    """The manifest of every file in `folder` (not in subfolders), as written by `stage`."""
+    files = {f.name: {"md5": file_md5(f), "bytes": f.stat().st_size}
+             for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != MANIFEST}
+    return {"stage": stage, "files": files}
+
+
+def write_manifest(folder, stage):
+    """Record `folder`'s files; call it last, on the temporary folder, before it is renamed into place."""
+    (Path(folder) / MANIFEST).write_text(to_json(manifest(folder, stage), indent=2) + "\n")
+
+
+def check_files(folder, names):
+    """Check that `folder`'s files `names` are the ones its stage wrote; a UserError naming the damaged one.
+
+    The error gives the recovery: remove DVC's cached copy and run the stage again.
+    """
+    folder = Path(folder)
+    record = read_json(folder / MANIFEST)
+    stage = record.get("stage", "?")
+    for name in names:
+        path, want = folder / name, record.get("files", {}).get(name)
+        if want is None:
+            raise UserError(f"{path} is not in {folder / MANIFEST}: run `dvc repro -f {stage}`")
+        if not path.is_file():
+            raise UserError(f"{path} not found: run `dvc repro` to make it")
+        size = path.stat().st_size
+        got = file_md5(path) if size == want["bytes"] else None
+        if got != want["md5"]:
+            found = f"{size} bytes" if got is None else f"md5 {got}"
+            cached = f".dvc/cache/files/md5/{want['md5'][:2]}/{want['md5'][2:]}"
+            raise UserError(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
+                            f"DVC's cache may hold the damaged copy: `rm -f {cached} && dvc repro -f {stage}`")
 
 
 # --- Keras --------------------------------------------------------------------

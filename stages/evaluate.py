@@ -14,14 +14,13 @@ mistakes PNG shows the 25 most confident mistakes, as the digits were drawn.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from pydantic import PositiveInt
 
-from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
-                           load_params, run, write_json)
+from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files, file_md5,
+                           import_keras, load_params, read_json, run, write_json)
 
 DIGITS = list(range(10))
 
@@ -124,11 +123,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, evaluate=EvaluateParams)
 
+    check_files(args.data, ["x_test.npy", "y_test.npy", "scaler.json"])
+    check_files(args.model, ["model.keras", "params.json"])
+    if read_json(args.model / "params.json").get("scaler_md5") != file_md5(args.data / "scaler.json"):
+        raise UserError(f"{args.model} was trained on images standardized by another scaler than "
+                        f"{args.data / 'scaler.json'}; run `dvc repro` to train it on these")
     keras = import_keras(params["base"].backend)
     try:
         x = np.load(args.data / "x_test.npy")
         y = np.load(args.data / "y_test.npy").astype(np.int64)
-        scaler = json.loads((args.data / "scaler.json").read_text())
+        scaler = read_json(args.data / "scaler.json")
         model = keras.models.load_model(args.model / "model.keras")
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot load the test data or the {args.device} model ({err}); "

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import HttpUrl
 
-from stages.common import PARAMS_FILE, ROOT, Strict, UserError, atomic_path, load_params, run, write_json
+from stages.common import (PARAMS_FILE, ROOT, Strict, UserError, atomic_path, load_params, npz_headers, run,
+                           write_json, write_manifest)
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # sha256 of array.tobytes() for the published MNIST (60,000 + 10,000 images).
@@ -60,14 +61,34 @@ def keras_cache_file(env):
     return home / "datasets" / "mnist.npz"
 
 
+# What a Keras-layout mnist.npz may hold: these four uint8 arrays, at most MNIST's sizes. Checked from
+# the zip directory and the .npy headers before any array is read, so a hostile or damaged file is
+# refused in bounded memory and time (a few KB read), whatever sizes it declares.
+SHAPES = {"x_train": (60_000, 28, 28), "y_train": (60_000,), "x_test": (10_000, 28, 28), "y_test": (10_000,)}
+
+
 def load_npz(path, source):
-    """The four arrays of a Keras-layout mnist.npz, or a UserError naming the source."""
+    """The four arrays of a Keras-layout mnist.npz, or a UserError naming the source.
+
+    The headers are checked first (names, uint8, at most MNIST's shapes, sizes
+    that match), so nothing larger than MNIST is ever read.
+    """
+    headers = npz_headers(path, f"{source}: ")
+    missing = [name for name in ARRAYS if name not in headers]
+    if missing:
+        raise UserError(f"{source}: {path} has no array {missing[0]!r}; "
+                        f"expected a Keras mnist.npz with {', '.join(ARRAYS)}")
+    extra = sorted(set(headers) - set(ARRAYS))
+    if extra:
+        raise UserError(f"{source}: {path} has an array {extra[0]!r} besides MNIST's four; "
+                        f"expected a Keras mnist.npz with {', '.join(ARRAYS)} only")
+    for name in ARRAYS:
+        shape, dtype = headers[name]
+        most = SHAPES[name]
+        if dtype != np.uint8 or len(shape) != len(most) or shape[1:] != most[1:] or shape[0] > most[0]:
+            raise UserError(f"{source}: {path}: array {name} is {shape} {dtype}; MNIST's is {most} uint8")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [name for name in ARRAYS if name not in npz.files]
-            if missing:
-                raise UserError(f"{source}: {path} has no array {missing[0]!r}; "
-                                f"expected a Keras mnist.npz with {', '.join(ARRAYS)}")
             return {name: npz[name] for name in ARRAYS}
     except (OSError, ValueError, EOFError) as err:
         raise UserError(f"{source}: cannot read {path} as .npz ({err})") from None
@@ -112,7 +133,9 @@ def get_arrays(params, env):
     if env.get("MNIST_NPZ"):
         path = Path(env["MNIST_NPZ"])
         if not path.is_file():
-            raise UserError(f"MNIST_NPZ={path}: no such file; point it at a Keras mnist.npz or unset it")
+            what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists()
+                    else "no such file")
+            raise UserError(f"MNIST_NPZ={path}: {what}; point it at a Keras mnist.npz file or unset it")
         source, where = "MNIST_NPZ", path
     elif cache.is_file():
         source, where = "keras_cache", cache
@@ -161,6 +184,7 @@ def main(argv=None):
         tmp.mkdir()
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", arrays[name])
+        write_manifest(tmp, "fetch")
     details = data_details(arrays, source)
     write_json(args.details, details)
     write_json(args.metrics, {"full_mnist": details["full_mnist"]})

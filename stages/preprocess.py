@@ -21,14 +21,14 @@ preprocess.procedure chooses how the data are split and scaled:
 """
 
 import argparse
-import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from stages.common import PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, load_params, run
+from stages.common import (MANIFEST, PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files,
+                           load_params, run, to_json, write_manifest)
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -89,11 +89,11 @@ def preprocess(raw, procedure, seed):
 
 
 def load_raw(folder):
-    try:
-        return {name: np.load(Path(folder) / f"{name}.npy", allow_pickle=False)
-                for name in ("x_train", "y_train", "x_test", "y_test")}
-    except FileNotFoundError as err:
-        raise UserError(f"{err.filename} not found: run `dvc repro fetch` first") from None
+    names = [f"{name}.npy" for name in ("x_train", "y_train", "x_test", "y_test")]
+    if not (Path(folder) / MANIFEST).exists():
+        raise UserError(f"{Path(folder) / MANIFEST} not found: run `dvc repro fetch` first")
+    check_files(folder, names)
+    return {name.removesuffix(".npy"): np.load(Path(folder) / name, allow_pickle=False) for name in names}
 
 
 def main(argv=None):
@@ -110,7 +110,8 @@ def main(argv=None):
         tmp.mkdir()
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
-        (tmp / "scaler.json").write_text(json.dumps(scaler) + "\n")
+        (tmp / "scaler.json").write_text(to_json(scaler) + "\n")
+        write_manifest(tmp, "preprocess")
     print(f"{procedure}: train {arrays['x_train'].shape}, test {arrays['x_test'].shape}, "
           f"scaler fitted on {scaler['n_samples_seen']} images")
     print(f"wrote {args.out}/ (x_train, y_train, x_test, y_test, pixels_train .npy, scaler.json)")

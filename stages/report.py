@@ -27,7 +27,7 @@ import numpy as np
 from stages.build_init_weights import ModelParams
 from stages.common import PARAMS_FILE, BaseParams, UserError, atomic_path, load_params, read_json, run
 from stages.preprocess import PreprocessParams
-from stages.train import TrainParams
+from stages.train import TrainParams, check_train
 
 # The seed notebook's published figures: 5 epochs of the same CNN, batch 64, rmsprop.
 SEED_FIGURES = {"test_accuracy": 0.990, "fit_time_s": 20.6, "device_name": "NVIDIA GeForce GTX 960"}
@@ -309,6 +309,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, preprocess=PreprocessParams,
                          model=ModelParams, train=TrainParams)
+    check_train(params["train"], params["base"].backend)
 
     try:
         summary = args.summary.read_text()

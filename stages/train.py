@@ -18,6 +18,7 @@ validation twins when train.validation_split > 0), learning rate and epoch time.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from stages.classifier import check_pixels, classifier, standardize_table
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
-                           load_params, read_json, run, write_json)
+                           check_files, file_md5, load_params, read_json, run, to_json,
+                           write_json, write_manifest)
 from stages.devices import cpu_model, device_env, on_gpu, placement, set_up_device
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
@@ -37,8 +39,8 @@ ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squar
 
 
 class CpuParams(Strict):
-    intra_op_threads: NonNegativeInt
-    inter_op_threads: NonNegativeInt
+    intra_op_threads: Annotated[int, Field(ge=0, le=1024)]
+    inter_op_threads: Annotated[int, Field(ge=0, le=1024)]
 
 
 class GpuParams(Strict):
@@ -48,13 +50,13 @@ class GpuParams(Strict):
 
 class TrainParams(Strict):
     devices: Annotated[list[Literal["cpu", "gpu"]], Field(min_length=1)]
-    epochs: PositiveInt
-    batch_size: PositiveInt
+    epochs: Annotated[int, Field(gt=0, le=10_000)]
+    batch_size: Annotated[int, Field(gt=0, le=60_000)]
     optimizer: Literal["rmsprop", "sgd", "adam"]
     learning_rate: PositiveFloat
     lr_schedule: Literal["constant", "exponential", "step", "cosine"]
     lr_decay_rate: Annotated[float, Field(gt=0.0, le=1.0)]
-    lr_decay_epochs: PositiveFloat
+    lr_decay_epochs: Annotated[float, Field(gt=0.0, le=10_000)]
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
     nesterov: bool
     loss: Literal[SPARSE_LOSSES + ONE_HOT_LOSSES]
@@ -64,21 +66,40 @@ class TrainParams(Strict):
     cpu: CpuParams
     gpu: GpuParams
 
+    @model_validator(mode="after")
+    def _together(self):
+        """The rules between keys of this section: every stage that reads `train` sees them."""
+        if len(set(self.devices)) != len(self.devices):
+            raise UserError(f"params.yaml: train.devices = {self.devices}: list each device once")
+        if self.optimizer == "adam" and self.momentum:
+            raise UserError("params.yaml: train.momentum applies to rmsprop and sgd; set it to 0.0 for adam")
+        if self.nesterov and not (self.optimizer == "sgd" and self.momentum):
+            raise UserError("params.yaml: train.nesterov applies to sgd with momentum > 0; set it to false")
+        return self
+
 
 def check_train(train, backend):
-    """Refuse combinations the schema cannot see, naming the key."""
-    if len(set(train.devices)) != len(train.devices):
-        raise UserError(f"params.yaml: train.devices = {train.devices}: list each device once")
-    if train.optimizer == "adam" and train.momentum:
-        raise UserError("params.yaml: train.momentum applies to rmsprop and sgd; set it to 0.0 for adam")
-    if train.nesterov and not (train.optimizer == "sgd" and train.momentum):
-        raise UserError("params.yaml: train.nesterov applies to sgd with momentum > 0; set it to false")
+    """Refuse what the train section cannot do on base.backend, naming the key (train and report call it)."""
     if backend == "jax" and (train.cpu.intra_op_threads or train.cpu.inter_op_threads):
         raise UserError("params.yaml: train.cpu.*_threads are applied on tensorflow and torch only; "
                         "set them to 0 for jax")
     if backend == "jax" and train.gpu.memory_limit_mb:
         raise UserError("params.yaml: train.gpu.memory_limit_mb is applied on tensorflow and torch only; "
                         "set it to null for jax")
+
+
+def check_split(n_images, validation_split):
+    """Refuse a validation_split that leaves no image on one side (Keras would fail mid-way)."""
+    n_val = int(n_images * validation_split)
+    if validation_split and n_val == 0:
+        raise UserError(f"params.yaml: train.validation_split = {validation_split} holds out no image of "
+                        f"{n_images}; use at least {1 / n_images:.2g}, or 0.0 for no validation")
+    if n_images - n_val < 1:
+        raise UserError(f"params.yaml: train.validation_split = {validation_split} leaves no training image")
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: the run is a failure, not a result."""
 
 
 def with_precision(model_json, precision):
@@ -182,12 +203,25 @@ def fit(keras, model, x, y, train, live):
             logs["epoch_time_s"] = epoch_s[-1]
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
+    class StopOnNonFinite(keras.callbacks.Callback):
+        """A NaN or infinite loss ends the run at once, as a failure: nothing after it is a result."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch + 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float((logs or {}).get("loss", 0.0))
+            if not math.isfinite(loss):
+                raise Diverged(f"training diverged: the loss is {loss} at epoch {self.epoch}, batch {batch + 1}; "
+                               f"nothing was written. Lower train.learning_rate (now {train.learning_rate}), "
+                               f"or try another train.lr_schedule, train.optimizer or train.momentum")
+
     live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
     start, cpu_start = time.perf_counter(), time.process_time()
     history = model.fit(x, encode_labels(keras, y, train.loss), batch_size=train.batch_size,
                         epochs=train.epochs, shuffle=train.shuffle, verbose=progress_verbosity(sys.stdout),
                         validation_split=train.validation_split,
-                        callbacks=[EpochLog(), live_callback(keras, live)])
+                        callbacks=[StopOnNonFinite(), EpochLog(), live_callback(keras, live)])
     return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
 
 
@@ -239,6 +273,8 @@ def main(argv=None):
     keras = import_keras(base.backend, device=args.device)
     device_name = set_up_device(base.backend, args.device, train.cpu, train.gpu)
     keras.utils.set_random_seed(base.seed)
+    check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
+    check_files(args.init, ["model.json", "initial.weights.h5"])
     try:
         pixels = np.load(args.data / "pixels_train.npy")
         y = np.load(args.data / "y_train.npy")
@@ -249,6 +285,7 @@ def main(argv=None):
         model.load_weights(args.init / "initial.weights.h5")
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
+    check_split(len(pixels), train.validation_split)
     print(f"train on {args.device} ({device_name}, {base.backend}): {len(pixels)} images, "
           f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}")
 
@@ -273,9 +310,11 @@ def main(argv=None):
             model.save(tmp / "model.keras")
             # the same layers, uncompiled: no optimizer state or training config in the file users load
             keras.Model(fitted.input, fitted.output, name=fitted.name).save(tmp / "classifier.keras")
-            (tmp / "params.json").write_text(json.dumps(
-                {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device},
+            (tmp / "params.json").write_text(to_json(
+                {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device,
+                 "scaler_md5": file_md5(args.data / "scaler.json")},  # evaluate checks it is paired with this one
                 indent=2) + "\n")
+            write_manifest(tmp, f"train@{args.device}")
         write_json(args.details, details)
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
     print(f"fit {fit_s:.1f} s on {device_name} ({details['samples_per_s']:.0f} images/s), "

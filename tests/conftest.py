@@ -54,11 +54,13 @@ def tiny_params(**overrides):
 def write_processed(folder, raw, procedure="published_split", seed=0):
     """Run preprocess on `raw` and save its arrays and scaler.json in `folder`, as the stage does; return both."""
     from stages import preprocess
+    from stages.common import write_manifest
     arrays, scaler = preprocess.preprocess(raw, procedure, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
         np.save(folder / f"{name}.npy", arr)
     (folder / "scaler.json").write_text(json.dumps(scaler))
+    write_manifest(folder, "preprocess")
     return arrays, scaler
 
 

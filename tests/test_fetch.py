@@ -121,7 +121,11 @@ def test_main_writes_arrays_and_data_source(isolated_env):
     out, metrics, details = isolated_env / "raw", isolated_env / "data.json", isolated_env / "details.json"
     p = write_params(isolated_env / "params.yaml", tiny_params())
     fetch.main(["--out", str(out), "--metrics", str(metrics), "--details", str(details), "--params", str(p)])
-    assert sorted(f.name for f in out.iterdir()) == ["x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    assert sorted(f.name for f in out.iterdir()) == ["manifest.json", "x_test.npy", "x_train.npy", "y_test.npy",
+                                                     "y_train.npy"]
+    recorded = json.loads((out / "manifest.json").read_text())
+    assert recorded["stage"] == "fetch"
+    assert recorded["files"]["y_train.npy"]["bytes"] == (out / "y_train.npy").stat().st_size
     assert np.load(out / "y_train.npy").dtype == np.uint8
     assert json.loads(metrics.read_text()) == {"full_mnist": False}  # the headline `dvc metrics show` shows
     assert json.loads(details.read_text()) == {"source": "sample", "full_mnist": False,
@@ -147,3 +151,61 @@ def test_the_slow_tests_look_for_the_full_data_where_fetch_does(tmp_path):
     assert full_mnist_npz({"KERAS_HOME": str(tmp_path)}) == cache
     assert full_mnist_npz({"MNIST_NPZ": "/data/mnist.npz", "KERAS_HOME": str(tmp_path)}) == Path("/data/mnist.npz")
     assert full_mnist_npz({"KERAS_HOME": str(tmp_path / "elsewhere")}) is None
+
+
+# --- hostile or damaged files: refused from the headers, in bounded memory and time --------------
+
+def npz_with_header(path, name, shape, payload=b""):
+    """An .npz whose member `name` declares `shape` (uint8) in its header but holds only `payload`."""
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}.npy", header.getvalue() + payload)
+    return path
+
+
+def test_an_array_declaring_a_huge_shape_is_refused_from_its_header(tmp_path):
+    path = npz_with_header(tmp_path / "huge.npz", "x_train", (10**9, 28, 28), b"\0" * 1000)
+    with pytest.raises(UserError, match=r"array 'x_train''s size does not match its header .*damaged"):
+        fetch.load_npz(path, "MNIST_NPZ")
+
+
+def test_a_compressed_bomb_of_the_wrong_shape_is_refused_before_it_is_read(tmp_path, sample_raw):
+    path = tmp_path / "bomb.npz"
+    # 94 MB of zeros in about 100 KB: what it declares is refused before a byte of it is inflated
+    np.savez_compressed(path, x_train=np.zeros((120_000, 28, 28), np.uint8), y_train=sample_raw["y_train"],
+                        x_test=sample_raw["x_test"], y_test=sample_raw["y_test"])
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(UserError, match=r"array x_train is \(120000, 28, 28\) uint8; MNIST's is \(60000, 28, 28\)"):
+        fetch.load_npz(path, "MNIST_NPZ")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.array(["a", "b"])}, r"array x_train is \(2,\) <U1"),
+    ({"x_train": np.zeros((5, 28, 28), np.float32)}, r"array x_train is \(5, 28, 28\) float32"),
+    ({"extra": np.zeros(3, np.uint8)}, r"an array 'extra' besides MNIST's four"),
+])
+def test_arrays_that_are_not_mnists_are_refused_by_their_headers(tmp_path, sample_raw, arrays, message):
+    path = tmp_path / "m.npz"
+    np.savez(path, **(sample_raw | arrays))
+    with pytest.raises(UserError, match=message):
+        fetch.load_npz(path, "MNIST_NPZ")
+
+
+def test_a_truncated_npz_is_one_line(tmp_path):
+    path = tmp_path / "cut.npz"
+    path.write_bytes(SAMPLE.read_bytes()[:100_000])
+    with pytest.raises(UserError, match=r"cannot read .*cut\.npz as \.npz \(BadZipFile.*damaged") as err:
+        fetch.load_npz(path, "MNIST_NPZ")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, message", [("folder", "is a folder"), ("fifo", "is not a regular file")])
+def test_mnist_npz_that_is_not_a_file_says_what_it_is(isolated_env, kind, message):
+    import os
+    path = isolated_env / "mnist.npz"
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    with pytest.raises(UserError, match=f"MNIST_NPZ=.*mnist.npz: {message}"):
+        fetch.get_arrays(params(), {"MNIST_NPZ": str(path)})

@@ -366,3 +366,38 @@ def plots_data(page_file, chart):
     html = page_file.read_text()
     spec = html.split(f'<div id = "{chart}">', 1)[1].split("var spec = ", 1)[1].split(";\n", 1)[0]
     return json.loads(spec)["data"]["values"]
+
+
+def test_a_damaged_cache_object_is_named_and_the_readmes_recovery_repairs_it(project):
+    """DVC trusts its cache: an object damaged in place (same size, same time) is checked out as it is, and
+    `dvc status` calls it up to date. The stage that reads it names it, and the command it gives (the
+    README's "When things go wrong") repairs the cache; then the pipeline runs again as before.
+    """
+    dvc(project, "repro")  # whatever the tests before left: the workspace as its params say
+    processed = project / "data" / "processed"
+    want = json.loads((processed / "manifest.json").read_text())["files"]["x_train.npy"]["md5"]
+    obj = project / ".dvc" / "cache" / "files" / "md5" / want[:2] / want[2:]
+    stat = obj.stat()
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[-10:] = bytes(b ^ 0xFF for b in data[-10:])  # pixels of the last image: still a valid .npy
+    obj.write_bytes(bytes(data))
+    os.utime(obj, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.rmtree(processed)
+    dvc(project, "checkout")
+    assert "up to date" in dvc(project, "status").stdout  # DVC does not see it
+
+    from stages.common import file_md5
+    assert file_md5(processed / "x_train.npy") != want  # the damaged copy is what the workspace has
+    failed = dvc(project, "repro", "--single-item", "-f", "train@cpu", check=False)  # as a train.* change would
+    assert failed.returncode != 0, failed.stdout
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data/processed/x_train.npy is damaged" in errors[0], failed.stderr
+    recovery = errors[0].rsplit("`", 2)[-2]
+    assert recovery == f"rm -f .dvc/cache/files/md5/{want[:2]}/{want[2:]} && dvc repro -f preprocess"
+
+    subprocess.run(recovery.replace("dvc ", f"{sys.executable} -m dvc ", 1), shell=True, cwd=project,
+                   env=dvc_env(project), check=True, capture_output=True)
+    assert file_md5(obj) == want and file_md5(processed / "x_train.npy") == want  # the cache holds it again
+    dvc(project, "repro")  # and the pipeline runs on it
+    assert ran(dvc(project, "repro")) == set()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stages import preprocess
-from stages.common import UserError
+from stages.common import UserError, write_manifest
 from tests.conftest import tiny_params, write_params
 
 
@@ -62,10 +62,12 @@ def test_main_writes_outputs(tmp_path, sample_raw):
     raw.mkdir()
     for name, arr in sample_raw.items():
         np.save(raw / f"{name}.npy", arr)
+    write_manifest(raw, "fetch")
     p = write_params(tmp_path / "params.yaml", tiny_params())
     preprocess.main(["--raw", str(raw), "--out", str(tmp_path / "out"), "--params", str(p)])
     names = sorted(f.name for f in (tmp_path / "out").iterdir())
-    assert names == ["pixels_train.npy", "scaler.json", "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    assert names == ["manifest.json", "pixels_train.npy", "scaler.json", "x_test.npy", "x_train.npy", "y_test.npy",
+                     "y_train.npy"]
     pixels, y = np.load(tmp_path / "out" / "pixels_train.npy"), np.load(tmp_path / "out" / "y_train.npy")
     assert pixels.dtype == np.uint8 and pixels.shape == (6000, 28, 28)
     # the same shuffled order as x_train.npy and y_train.npy: a permutation of the raw images with their labels
@@ -83,6 +85,6 @@ def test_unknown_procedure_is_a_one_line_error(tmp_path):
 
 def test_missing_raw_data_says_what_to_run(tmp_path):
     p = write_params(tmp_path / "params.yaml", tiny_params())
-    with pytest.raises(UserError, match="x_train.npy not found: run `dvc repro fetch` first"):
+    with pytest.raises(UserError, match="manifest.json not found: run `dvc repro fetch` first"):
         preprocess.main(["--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--params", str(p)])
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages import build_init_weights, classifier, devices, preprocess, train
-from stages.common import UserError, import_keras, validate
+from stages.common import UserError, import_keras, validate, write_manifest
 from tests.conftest import ROOT, tiny_params, write_params, write_processed
 
 
@@ -103,6 +103,7 @@ def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
     pixels = np.load(data / "pixels_train.npy")
     pixels[3, 14, 14] ^= 1  # one pixel of one image: x_train.npy no longer follows from it
     np.save(data / "pixels_train.npy", pixels)
+    write_manifest(data, "preprocess")  # as if preprocess had written them so: its manifest agrees
     p = write_params(tmp_path / "params.yaml", tiny_params())
     args = ["--device", "cpu", "--data", str(data), "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"),
             "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
@@ -111,6 +112,7 @@ def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
                                         r"run `dvc repro -f preprocess`"):
         train.main(args)
     np.save(data / "pixels_train.npy", pixels[:10].astype(np.float32))
+    write_manifest(data, "preprocess")
     with pytest.raises(UserError, match=r"pixels_train.npy \(float32, \(10, 28, 28\)\) does not match"):
         train.main(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # nothing written

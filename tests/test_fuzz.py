@@ -1,0 +1,208 @@
+"""Property-based tests (Hypothesis): random params.yaml mutations and random files for predict.
+
+Each mutated params.yaml is either accepted by every stage that reads the
+sections it changed, or refused with one line naming the problem — never a
+traceback. Accepted mutations of the training options also run, on tiny data.
+predict, fed random bytes and random arrays, answers or gives one line per
+file, and never raises.
+"""
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stages import build_init_weights, evaluate, fetch, predict, preprocess, train
+from stages.common import BaseParams, UserError, load_params
+from tests.conftest import ROOT
+from tests.test_train import prepared, run_train  # noqa: F401  (the fixture, shared)
+
+# What each stage reads (dvc.yaml's params), and the checks across sections it applies.
+READERS = {
+    "fetch": {"fetch": fetch.FetchParams},
+    "preprocess": {"base": BaseParams, "preprocess": preprocess.PreprocessParams},
+    "build_init_weights": {"base": BaseParams, "model": build_init_weights.ModelParams},
+    "train": {"base": BaseParams, "train": train.TrainParams},
+    "evaluate": {"base": BaseParams, "evaluate": evaluate.EvaluateParams},
+    "report": {"base": BaseParams, "preprocess": preprocess.PreprocessParams,
+               "model": build_init_weights.ModelParams, "train": train.TrainParams},
+}
+
+
+def leaves(node, prefix=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, (*prefix, key))
+    yield prefix
+
+
+PATHS = [p for p in leaves(yaml.safe_load((ROOT / "params.yaml").read_text())) if p]
+
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.lists(st.sampled_from(["cpu", "gpu", "tpu", 1, None]), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def mutated_params(draw):
+    """The committed params.yaml with one to three random mutations, as the text a user would save."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(PATHS))
+        *parents, last = path
+        node = params
+        for key in parents:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            if not isinstance(node, dict):
+                continue
+            action = draw(st.sampled_from(["set", "set", "set", "delete", "add"]))
+            if action == "set":
+                node[last] = draw(values)
+            elif action == "delete":
+                node.pop(last, None)
+            else:
+                node[draw(st.text(min_size=1, max_size=8))] = draw(values)
+    text = yaml.safe_dump(params, sort_keys=False, allow_unicode=True).encode()
+    damage = draw(st.sampled_from(["none", "none", "none", "bytes", "duplicate", "cut"]))
+    if damage == "bytes":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.binary(min_size=1, max_size=4)) + text[at:]
+    elif damage == "duplicate":
+        lines = text.splitlines(keepends=True)
+        at = draw(st.integers(0, len(lines) - 1))
+        text = b"".join(lines[:at + 1] + [lines[at]] + lines[at + 1:])
+    elif damage == "cut":
+        text = text[:draw(st.integers(0, len(text)))]
+    return text
+
+
+def load_as(stage, path):
+    """What `python -m stages.<stage>` does with params.yaml before any work: load, check the sections."""
+    loaded = load_params(path, **READERS[stage])
+    if "train" in loaded and "base" in loaded:
+        train.check_train(loaded["train"], loaded["base"].backend)
+    return loaded
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=mutated_params())
+def test_every_stage_accepts_or_refuses_a_mutated_params_yaml_in_one_line(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text)
+    for stage in READERS:
+        try:
+            load_as(stage, path)
+        except UserError as err:
+            message = str(err)
+            assert "\n" not in message and message.startswith((str(path), "params.yaml")), message
+
+
+# Options whose accepted values all run in seconds on tiny data: these mutations also train.
+TRAINABLE = {
+    "train.optimizer": st.sampled_from(["rmsprop", "sgd", "adam", "adagrad"]),
+    "train.learning_rate": st.floats(min_value=1e-6, max_value=1e6) | st.sampled_from([0.0, -1.0]),
+    "train.lr_schedule": st.sampled_from(["constant", "exponential", "step", "cosine", "linear"]),
+    "train.lr_decay_rate": st.floats(min_value=-0.5, max_value=1.5),
+    "train.lr_decay_epochs": st.floats(min_value=0.0, max_value=1e5),
+    "train.momentum": st.floats(min_value=0.0, max_value=1.0),
+    "train.nesterov": st.booleans(),
+    "train.loss": st.sampled_from(list(train.SPARSE_LOSSES + train.ONE_HOT_LOSSES)),
+    "train.validation_split": st.floats(min_value=0.0, max_value=1.0),
+    "train.batch_size": st.integers(min_value=-1, max_value=2000),
+    "train.shuffle": st.booleans(),
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.sets(st.sampled_from(sorted(TRAINABLE)), min_size=1, max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: TRAINABLE[k] for k in keys})))
+def test_accepted_training_options_train_and_refused_ones_are_one_line(prepared, tmp_path_factory, changes):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("fuzz_train")
+    try:
+        _, details = run_train(prepared, tmp, **changes)
+    except UserError as err:
+        assert "\n" not in str(err)
+        assert not (tmp / "cpu").exists() and not (tmp / "d.json").exists()  # refused: nothing written
+    else:
+        assert np.isfinite(details["final_loss"]) and (tmp / "cpu" / "classifier.keras").is_file()
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(prepared):  # noqa: F811
+    return run_train(prepared, prepared / "fuzz_model")[0]
+
+
+def png_bytes(seed):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@st.composite
+def hostile_file(draw):
+    """(name, bytes): a damaged PNG, random bytes, or an .npz of a random array."""
+    kind = draw(st.sampled_from(["png", "bytes", "npz"]))
+    if kind == "png":
+        data = bytearray(png_bytes(draw(st.integers(0, 2**16))))
+        if draw(st.booleans()):  # half of them damaged: bytes changed, the end cut off
+            for _ in range(draw(st.integers(0, 4))):
+                data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+            data = data[:draw(st.integers(1, len(data)))]
+        return "image.png", bytes(data)
+    if kind == "bytes":
+        return draw(st.sampled_from(["x.png", "x.jpg", "x.npz"])), draw(st.binary(max_size=300))
+    dtype = draw(st.sampled_from(["uint8", "int64", "float32", "float64", "bool", "complex64", "U3"]))
+    shape = draw(st.sampled_from([(28, 28), (0, 28, 28), (2, 28, 28), (3, 28), (1, 1, 28, 28), ()]))
+    rng = random.Random(draw(st.integers(0, 2**16)))
+    special, rate = [0, 255, -1, 256, float("nan"), float("inf"), 1e300], draw(st.sampled_from([0.0, 0.0, 0.002]))
+    flat = [rng.choice(special) if rng.random() < rate else rng.uniform(0, 255) for _ in range(int(np.prod(shape)))]
+    try:
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and 1e300 cast to integers: any value will do
+            arr = np.array(flat, dtype=np.float64).reshape(shape).astype(dtype)
+    except (ValueError, OverflowError):
+        arr = np.zeros(shape, dtype)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=arr)
+    return "arrays.npz", buffer.getvalue()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(hostile_file(), min_size=1, max_size=3))
+def test_predict_answers_or_gives_one_line_per_file_and_never_raises(model, tmp_path_factory, capsys, files):
+    folder = tmp_path_factory.mktemp("fuzz_predict")
+    paths = []
+    for i, (name, data) in enumerate(files):
+        paths.append(folder / f"{i}_{name}")
+        paths[-1].write_bytes(data)
+    code = 0
+    try:
+        predict.main([*map(str, paths), "--model", str(model), "--json"])
+    except SystemExit as exit_:
+        code = exit_.code
+    results = json.loads(capsys.readouterr().out)
+    assert code in (0, 1)
+    assert {r["file"].split(":")[0] for r in results} == set(map(str, paths))  # every file got its line(s)
+    for r in results:
+        assert ("error" in r) != ("digit" in r)
+        if "error" in r:
+            assert "\n" not in r["error"]
+        else:
+            assert 0 <= r["digit"] <= 9 and abs(sum(r["probabilities"]) - 1) < 1e-4
+    assert (code == 1) == any("error" in r for r in results)
+    event("answered" if any("digit" in r for r in results) else "refused")
+
