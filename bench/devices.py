@@ -31,6 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/devices.py`: make `stages` importable
+from bench.speed import copy_project, set_params  # noqa: E402
 from stages.devices import cpu_model  # noqa: E402
 
 COPY = ["stages", "bench", "data/sample", "params.yaml", "params-fast.yaml"]
@@ -50,20 +51,12 @@ def sh(args, cwd, log):
 
 def params_for(work, setting, backend, device):
     """params.yaml with the backend, the device and, for the fast preset, its overrides."""
-    params = yaml.safe_load((work / "params.yaml").read_text())
     overrides = {"base.backend": backend, "train.devices": [device]}
     if setting == "fast":
         overrides |= yaml.safe_load((work / "params-fast.yaml").read_text())
-    for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        if last not in node:
-            sys.exit(f"bench: {dotted} is not a key of params.yaml")
-        node[last] = value
     path = work / f"params-{setting}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(work / "params.yaml", path)
+    set_params(path, overrides)
     return path
 
 
@@ -189,13 +182,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="mnist-devices-"))
     log = work / "bench.log"
     print(f"bench: working in {work} (log: {log})", flush=True)
-    for name in COPY:
-        src, dst = ROOT / name, work / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    copy_project(work, COPY)
     python = sys.executable
     seed_params = params_for(work, "seed", args.backend, args.device)
     sh([python, "-m", "stages.fetch", "--out", "data/raw", "--metrics", "metrics/data.json",

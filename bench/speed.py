@@ -57,15 +57,20 @@ def sh(args, cwd, log):
     return wall, usage.ru_maxrss / 1024
 
 
-def make_project(work):
-    """A git + DVC copy of the project (DVCLive wants a commit) in `work`."""
-    for name in COPY:
+def copy_project(work, names):
+    """Copy the project's files and folders `names` into `work` (no caches, no benchmark results)."""
+    for name in names:
         src, dst = ROOT / name, work / name
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "results*.json"))
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
+
+
+def make_project(work):
+    """A git + DVC copy of the project (DVCLive wants a commit) in `work`."""
+    copy_project(work, COPY)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                  [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
@@ -82,7 +87,7 @@ def set_params(path, overrides):
         for key in parents:
             node = node[key]
         if last not in node:
-            sys.exit(f"bench: params-fast.yaml names {dotted}, which params.yaml lacks")
+            sys.exit(f"bench: {dotted} is not a key of params.yaml")
         node[last] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -51,6 +51,16 @@ def tiny_params(**overrides):
     return params
 
 
+def write_raw(folder, raw):
+    """Save the four arrays as fetch does, with its manifest; return the folder."""
+    from stages.common import write_manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in raw.items():
+        np.save(folder / f"{name}.npy", arr)
+    write_manifest(folder, "fetch")
+    return folder
+
+
 def write_processed(folder, raw, procedure="published_split", seed=0):
     """Run preprocess on `raw` and save its arrays and scaler.json in `folder`, as the stage does; return both."""
     from stages import preprocess

@@ -21,18 +21,13 @@ from PIL import Image
 from stages import build_init_weights, evaluate, fetch, predict, preprocess, train
 from stages.common import BaseParams, UserError, load_params
 from tests.conftest import ROOT
+from tests.test_pipeline import SCHEMAS
 from tests.test_train import prepared, run_train  # noqa: F401  (the fixture, shared)
 
-# What each stage reads (dvc.yaml's params), and the checks across sections it applies.
-READERS = {
-    "fetch": {"fetch": fetch.FetchParams},
-    "preprocess": {"base": BaseParams, "preprocess": preprocess.PreprocessParams},
-    "build_init_weights": {"base": BaseParams, "model": build_init_weights.ModelParams},
-    "train": {"base": BaseParams, "train": train.TrainParams},
-    "evaluate": {"base": BaseParams, "evaluate": evaluate.EvaluateParams},
-    "report": {"base": BaseParams, "preprocess": preprocess.PreprocessParams,
-               "model": build_init_weights.ModelParams, "train": train.TrainParams},
-}
+SECTIONS = {"base": BaseParams, "fetch": fetch.FetchParams, "preprocess": preprocess.PreprocessParams,
+            "model": build_init_weights.ModelParams, "train": train.TrainParams, "evaluate": evaluate.EvaluateParams}
+# What each stage reads (dvc.yaml's params, as test_pipeline checks them), with each section's schema.
+READERS = {stage: {name: SECTIONS[name] for name in sections} for stage, sections in SCHEMAS.items()}
 
 
 def leaves(node, prefix=()):

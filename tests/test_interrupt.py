@@ -16,11 +16,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from stages.common import TMP_PREFIX, file_md5
-from tests.conftest import ROOT, tiny_params, write_params, write_processed
+from tests.conftest import ROOT, tiny_params, write_params, write_processed, write_raw
 
 STAGES = {
     "fetch": ["--out", "data/raw", "--metrics", "metrics/data.json", "--details", "details/data.json"],
@@ -131,13 +130,9 @@ def test_a_killed_stage_leaves_nothing_and_the_next_run_gives_the_same_result(fo
 def test_preprocess_is_told_a_damaged_input_and_how_to_recover(tmp_path, sample_raw):
     """A raw array damaged after fetch wrote it (same size: DVC's cache would not notice) is refused by name."""
     from stages import preprocess
-    from stages.common import UserError, write_manifest
+    from stages.common import UserError
 
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for name, arr in sample_raw.items():
-        np.save(raw / f"{name}.npy", arr)
-    write_manifest(raw, "fetch")
+    raw = write_raw(tmp_path / "raw", sample_raw)
     damaged = bytearray((raw / "x_test.npy").read_bytes())
     damaged[-1] ^= 0xFF
     (raw / "x_test.npy").write_bytes(bytes(damaged))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from stages import preprocess
-from stages.common import UserError, write_manifest
-from tests.conftest import tiny_params, write_params
+from stages.common import UserError
+from tests.conftest import tiny_params, write_params, write_raw
 
 
 def test_published_split_keeps_the_split_and_the_test_order(sample_raw):
@@ -58,11 +58,7 @@ def test_saved_scaler_reproduces_the_arrays_without_sklearn(sample_raw):
 
 
 def test_main_writes_outputs(tmp_path, sample_raw):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for name, arr in sample_raw.items():
-        np.save(raw / f"{name}.npy", arr)
-    write_manifest(raw, "fetch")
+    raw = write_raw(tmp_path / "raw", sample_raw)
     p = write_params(tmp_path / "params.yaml", tiny_params())
     preprocess.main(["--raw", str(raw), "--out", str(tmp_path / "out"), "--params", str(p)])
     names = sorted(f.name for f in (tmp_path / "out").iterdir())
