@@ -314,16 +314,17 @@ def check_files(folder, names):
     for name in names:
         path, want = folder / name, record.get("files", {}).get(name)
         if want is None:
-            raise UserError(f"{path} is not in {folder / MANIFEST}: run `dvc repro -f {stage}`")
+            raise UserError(f"{path} is not in {folder / MANIFEST}: run `dvc repro --single-item -f {stage}`")
         if not path.is_file():
             raise UserError(f"{path} not found: run `dvc repro` to make it")
         size = path.stat().st_size
         got = file_md5(path) if size == want["bytes"] else None
         if got != want["md5"]:
             found = f"{size} bytes" if got is None else f"md5 {got}"
-            cached = f".dvc/cache/files/md5/{want['md5'][:2]}/{want['md5'][2:]}"
+            md5 = want["md5"]
+            repair = f"rm -f .dvc/cache/files/md5/{md5[:2]}/{md5[2:]} && dvc repro --single-item -f {stage}"
             raise UserError(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
-                            f"DVC's cache may hold the damaged copy: `rm -f {cached} && dvc repro -f {stage}`")
+                            f"DVC's cache may hold the damaged copy: `{repair}`")
 
 
 # --- Keras --------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_preprocess_is_told_a_damaged_input_and_how_to_recover(tmp_path, sample_
     want = json.loads((raw / "manifest.json").read_text())["files"]["x_test.npy"]["md5"]
     with pytest.raises(UserError, match=rf"x_test\.npy is damaged \(md5 [0-9a-f]{{32}}; fetch wrote \d+ bytes, "
                                         rf"md5 {want}\); .*`rm -f \.dvc/cache/files/md5/{want[:2]}/{want[2:]} "
-                                        rf"&& dvc repro -f fetch`"):
+                                        rf"&& dvc repro --single-item -f fetch`"):
         preprocess.load_raw(raw)
 
 

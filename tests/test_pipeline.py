@@ -394,7 +394,7 @@ def test_a_damaged_cache_object_is_named_and_the_readmes_recovery_repairs_it(pro
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data/processed/x_train.npy is damaged" in errors[0], failed.stderr
     recovery = errors[0].rsplit("`", 2)[-2]
-    assert recovery == f"rm -f .dvc/cache/files/md5/{want[:2]}/{want[2:]} && dvc repro -f preprocess"
+    assert recovery == f"rm -f .dvc/cache/files/md5/{want[:2]}/{want[2:]} && dvc repro --single-item -f preprocess"
 
     subprocess.run(recovery.replace("dvc ", f"{sys.executable} -m dvc ", 1), shell=True, cwd=project,
                    env=dvc_env(project), check=True, capture_output=True)
