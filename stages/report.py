@@ -46,6 +46,9 @@ def confusion_from_csv(path):
                 counts[int(row["actual"]), int(row["predicted"])] += 1
     except FileNotFoundError:
         raise UserError(f"{path} not found: run `dvc repro` to make it") from None
+    except (KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); run `dvc repro -f evaluate@<device>` "
+                        f"to write it again") from None
     return counts
 
 
@@ -53,8 +56,13 @@ def read_curves(live_dir):
     """DVCLive's per-epoch TSVs: {"train/loss": [values by epoch], "eval/loss": [...], ...}."""
     curves = {}
     for tsv in sorted((Path(live_dir) / "plots" / "metrics").glob("*/*.tsv")):
-        with open(tsv, newline="") as f:
-            curves[f"{tsv.parent.name}/{tsv.stem}"] = [float(r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+        try:
+            with open(tsv, newline="") as f:
+                curves[f"{tsv.parent.name}/{tsv.stem}"] = [float(r[tsv.stem])
+                                                           for r in csv.DictReader(f, delimiter="\t")]
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+            raise UserError(f"{tsv} is damaged ({type(err).__name__}: {err}); run `dvc repro -f train@<device>` "
+                            f"to write it again") from None
     if not curves:
         raise UserError(f"no per-epoch log in {live_dir}: run `dvc repro` to make it")
     return curves

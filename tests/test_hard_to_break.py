@@ -233,3 +233,12 @@ def test_an_npz_of_more_images_than_the_limit_is_refused_from_its_headers(tmp_pa
     np.savez_compressed(path, x=np.zeros((100_001, 28, 28), np.uint8))  # 78 MB of zeros in a small file
     with pytest.raises(UserError, match="100,001 images is over the limit of 100,000 per file"):
         predict.read_inputs(path)
+
+
+@pytest.mark.parametrize("damage", [b"actual,predicted\n3,x\n", b"\xff\xfe garbage", b"a,b\n1,2\n"])
+def test_a_damaged_predictions_csv_is_one_line_for_report(tmp_path, damage):
+    from stages.report import confusion_from_csv
+    path = tmp_path / "predictions_cpu.csv"
+    path.write_bytes(damage)
+    with pytest.raises(UserError, match=r"predictions_cpu.csv is damaged \(.*\); run `dvc repro -f evaluate@<device>`"):
+        confusion_from_csv(path)
