@@ -89,13 +89,16 @@ def check_train(train, backend):
 
 
 def check_split(n_images, validation_split):
-    """Refuse a validation_split that leaves no image on one side (Keras would fail mid-way)."""
-    n_val = int(n_images * validation_split)
-    if validation_split and n_val == 0:
+    """Refuse a validation_split that leaves no image on one side, as Keras splits (it would fail mid-way)."""
+    if not validation_split:
+        return
+    n_fit = fit_size(n_images, validation_split)
+    if n_fit == n_images:
         raise UserError(f"params.yaml: train.validation_split = {validation_split} holds out no image of "
                         f"{n_images}; use at least {1 / n_images:.2g}, or 0.0 for no validation")
-    if n_images - n_val < 1:
-        raise UserError(f"params.yaml: train.validation_split = {validation_split} leaves no training image")
+    if n_fit == 0:
+        raise UserError(f"params.yaml: train.validation_split = {validation_split} leaves no training image of "
+                        f"{n_images}; use at most {1 - 1 / n_images:.6g}")
 
 
 class Diverged(UserError):
@@ -174,8 +177,8 @@ def encode_labels(keras, y, loss):
 
 
 def fit_size(n_images, validation_split):
-    """How many images are fitted on: Keras holds out the last validation_split of them."""
-    return n_images - int(n_images * validation_split)
+    """How many images are fitted on: Keras keeps the first floor(n x (1 - split)), validates on the rest."""
+    return math.floor(n_images * (1.0 - validation_split)) if validation_split else n_images
 
 
 def fit(keras, model, x, y, train, live):

@@ -7,8 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis (tests/test_fuzz.py): the same examples on every run by default, so that CI is not a lottery;
+# HYPOTHESIS_PROFILE=explore draws new ones each run, to look further.
+settings.register_profile("default", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 SAMPLE = ROOT / "data" / "sample" / "mnist_sample.npz"
 
 

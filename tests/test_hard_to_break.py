@@ -82,9 +82,15 @@ def test_rules_across_keys_are_seen_by_every_stage_that_reads_the_section(tmp_pa
     assert result.stderr.strip() == "error: params.yaml: train.devices = ['cpu', 'cpu']: list each device once"
 
 
-def test_a_validation_split_that_holds_out_nothing_is_one_line(prepared, tmp_path):  # noqa: F811
-    with pytest.raises(UserError, match=r"train.validation_split = 1e-05 holds out no image of 1000; use at least"):
-        run_train(prepared, tmp_path, **{"train.validation_split": 1e-5})
+@pytest.mark.parametrize("split, message", [
+    (1e-17, r"train.validation_split = 1e-17 holds out no image of 1000; use at least 0.001"),
+    (0.99999, r"train.validation_split = 0.99999 leaves no training image of 1000; use at most 0.999"),
+])
+def test_a_validation_split_that_leaves_a_side_empty_is_one_line(prepared, tmp_path, split, message):  # noqa: F811
+    """Found by the fuzzer: Keras splits at floor(n x (1 - split)) and fails mid-way if a side is empty."""
+    with pytest.raises(UserError, match=message):
+        run_train(prepared, tmp_path, **{"train.validation_split": split})
+    assert train.fit_size(1000, 1e-5) == 999 and train.fit_size(60_000, 0.2) == 48_000  # Keras's own split
 
 
 # --- a run that went wrong is a failure ------------------------------------------------------------
