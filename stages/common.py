@@ -273,8 +273,8 @@ def read_json(path):
     except FileNotFoundError:
         raise UserError(f"{path} not found: run `dvc repro` to make it") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is damaged (not JSON: {err}); run `dvc repro -f` on the stage that "
-                        f"writes it") from None
+        raise UserError(f"{path} is damaged (not JSON: {err}); run `dvc repro --single-item -f <stage>` with "
+                        f"the stage of dvc.yaml that writes it") from None
 
 
 # --- integrity of what stages read --------------------------------------------

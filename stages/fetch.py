@@ -155,7 +155,7 @@ def get_arrays(params, env):
             arrays = load_npz(SAMPLE_NPZ, "sample")
             check_arrays(arrays, SAMPLE_SHA256, f"sample {SAMPLE_NPZ}")
             return arrays, "sample"
-    arrays = load_npz(where, f"{source} {where}")
+    arrays = load_npz(where, source)  # its messages name the file after the source
     check_arrays(arrays, MNIST_SHA256, f"{source} {where}")
     print(f"source: {source} ({where})")
     return arrays, source

@@ -37,7 +37,7 @@ PROCEDURES = {
 }
 
 
-def confusion_from_csv(path):
+def confusion_from_csv(path, stage="evaluate@cpu"):
     """10 x 10 counts, rows = true digit, columns = predicted, from evaluate's predictions CSV."""
     counts = np.zeros((10, 10), dtype=int)
     try:
@@ -47,12 +47,12 @@ def confusion_from_csv(path):
     except FileNotFoundError:
         raise UserError(f"{path} not found: run `dvc repro` to make it") from None
     except (KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); run `dvc repro -f evaluate@<device>` "
+        raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
                         f"to write it again") from None
     return counts
 
 
-def read_curves(live_dir):
+def read_curves(live_dir, stage="train@cpu"):
     """DVCLive's per-epoch TSVs: {"train/loss": [values by epoch], "eval/loss": [...], ...}."""
     curves = {}
     for tsv in sorted((Path(live_dir) / "plots" / "metrics").glob("*/*.tsv")):
@@ -61,7 +61,7 @@ def read_curves(live_dir):
                 curves[f"{tsv.parent.name}/{tsv.stem}"] = [float(r[tsv.stem])
                                                            for r in csv.DictReader(f, delimiter="\t")]
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise UserError(f"{tsv} is damaged ({type(err).__name__}: {err}); run `dvc repro -f train@<device>` "
+            raise UserError(f"{tsv} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
                             f"to write it again") from None
     if not curves:
         raise UserError(f"no per-epoch log in {live_dir}: run `dvc repro` to make it")
@@ -322,7 +322,8 @@ def main(argv=None):
     try:
         summary = args.summary.read_text()
         runs = {d: (read_json(args.details / f"train_{d}.json"), read_json(args.details / f"evaluate_{d}.json"),
-                    confusion_from_csv(args.plots / f"predictions_{d}.csv"), read_curves(args.live / f"train_{d}"),
+                    confusion_from_csv(args.plots / f"predictions_{d}.csv", f"evaluate@{d}"),
+                    read_curves(args.live / f"train_{d}", f"train@{d}"),
                     (args.plots / f"mistakes_{d}.png").read_bytes())
                 for d in params["train"].devices}
     except FileNotFoundError as err:

@@ -206,14 +206,20 @@ def test_a_digit_on_a_transparent_background_reads_as_the_same_digit_on_paper(mo
                                                                                         abs=1e-3)
 
 
-def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded(model, tmp_path, capsys):
+@pytest.mark.parametrize("width, height", [(10_000, 6_000), (12_000, 9_000)])  # over PIL's own limits too
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded(model, tmp_path, capsys, width, height):
     import resource
+    import warnings
     huge = tmp_path / "huge.png"
-    Image.new("L", (10_000, 6_000), 255).save(huge, optimize=True)  # 60 megapixels in a small file
+    Image.new("L", (width, height), 255).save(huge, optimize=True)  # 60 or 108 megapixels in a small file
     assert huge.stat().st_size < 2_000_000
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    code, results = predict_on(model, [huge], capsys)
-    assert code == 1 and "10000x6000 pixels is over the limit of 50,000,000" in results[str(huge)]["error"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would be a second, multi-line message
+        code, results = predict_on(model, [huge], capsys)
+    assert code == 1
+    assert results[str(huge)]["error"] == f"{huge}: {width}x{height} pixels is over the limit of 50,000,000; " \
+                                          f"scale it down first"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: not decoded
 
 
@@ -246,5 +252,16 @@ def test_a_damaged_predictions_csv_is_one_line_for_report(tmp_path, damage):
     from stages.report import confusion_from_csv
     path = tmp_path / "predictions_cpu.csv"
     path.write_bytes(damage)
-    with pytest.raises(UserError, match=r"predictions_cpu.csv is damaged \(.*\); run `dvc repro -f evaluate@<device>`"):
-        confusion_from_csv(path)
+    with pytest.raises(UserError, match=r"predictions_cpu.csv is damaged \(.*\); run `dvc repro --single-item -f "
+                                        r"evaluate@cpu` to write it again"):
+        confusion_from_csv(path, "evaluate@cpu")
+
+
+def test_a_damaged_dvclive_log_is_one_line_for_report(tmp_path):
+    from stages.report import read_curves
+    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("step\tloss\n1\t0.5\n2\tgarbage\n")
+    with pytest.raises(UserError, match=r"loss.tsv is damaged \(ValueError: .*\); run `dvc repro --single-item -f "
+                                        r"train@gpu` to write it again"):
+        read_curves(tmp_path, "train@gpu")
