@@ -26,12 +26,11 @@ BACKENDS = ("tensorflow", "jax", "torch")
 class UserError(Exception):
     """A problem the user can fix (bad params, missing data): one line, no traceback.
 
-    One line whatever it quotes: a key or value holding a line break is shown with it escaped.
+    One line whatever it quotes: line breaks in it become spaces.
     """
 
     def __init__(self, message):
-        super().__init__(" ".join(repr(line)[1:-1] if i else line
-                                  for i, line in enumerate(str(message).splitlines())) or str(message))
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 class Strict(BaseModel):
@@ -53,7 +52,7 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signal.Signals(signum))
 
 
 def run(main):
@@ -73,7 +72,7 @@ def run(main):
     except UserError as err:
         sys.exit(f"error: {err}")
     except Interrupted as err:
-        signum = signal.Signals[str(err)]
+        signum = err.args[0]
         print(f"error: interrupted by {signum.name}; nothing half-written was left (run it again to finish)",
               file=sys.stderr)
         sys.exit(128 + signum)
@@ -113,7 +112,7 @@ def read_yaml(path):
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project root, where params.yaml is") from None
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        line = err.object[:err.start].count(b"\n") + 1
         raise UserError(f"{path}: line {line} is not UTF-8 text (byte {err.object[err.start]:#04x}); "
                         f"save the file as UTF-8") from None
     try:
@@ -306,7 +305,8 @@ def write_manifest(folder, stage):
 def check_files(folder, names):
     """Check that `folder`'s files `names` are the ones its stage wrote; a UserError naming the damaged one.
 
-    The error gives the recovery: remove DVC's cached copy and run the stage again.
+    The error gives the recovery: remove DVC's cached copy and run the stage again. Returns {name: md5}
+    of the files checked, for a caller that records them (no need to hash them again).
     """
     folder = Path(folder)
     record = read_json(folder / MANIFEST)
@@ -325,6 +325,7 @@ def check_files(folder, names):
             repair = f"rm -f .dvc/cache/files/md5/{md5[:2]}/{md5[2:]} && dvc repro --single-item -f {stage}"
             raise UserError(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
                             f"DVC's cache may hold the damaged copy: `{repair}`")
+    return {name: record["files"][name]["md5"] for name in names}
 
 
 # --- Keras --------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import PositiveInt
 
-from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files, file_md5,
+from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files,
                            import_keras, load_params, read_json, run, write_json)
 
 DIGITS = list(range(10))
@@ -123,9 +123,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, evaluate=EvaluateParams)
 
-    check_files(args.data, ["x_test.npy", "y_test.npy", "scaler.json"])
+    data_md5 = check_files(args.data, ["x_test.npy", "y_test.npy", "scaler.json"])
     check_files(args.model, ["model.keras", "params.json"])
-    if read_json(args.model / "params.json").get("scaler_md5") != file_md5(args.data / "scaler.json"):
+    if read_json(args.model / "params.json").get("scaler_md5") != data_md5["scaler.json"]:
         raise UserError(f"{args.model} was trained on images standardized by another scaler than "
                         f"{args.data / 'scaler.json'}; run `dvc repro` to train it on these")
     keras = import_keras(params["base"].backend)

@@ -30,7 +30,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from stages.classifier import check_pixels, classifier, standardize_table
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
-                           check_files, file_md5, load_params, read_json, run, to_json,
+                           check_files, load_params, read_json, run, to_json,
                            write_json, write_manifest)
 from stages.devices import cpu_model, device_env, on_gpu, placement, set_up_device
 
@@ -276,7 +276,7 @@ def main(argv=None):
     keras = import_keras(base.backend, device=args.device)
     device_name = set_up_device(base.backend, args.device, train.cpu, train.gpu)
     keras.utils.set_random_seed(base.seed)
-    check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
+    data_md5 = check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
     check_files(args.init, ["model.json", "initial.weights.h5"])
     try:
         pixels = np.load(args.data / "pixels_train.npy")
@@ -315,7 +315,7 @@ def main(argv=None):
             keras.Model(fitted.input, fitted.output, name=fitted.name).save(tmp / "classifier.keras")
             (tmp / "params.json").write_text(to_json(
                 {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device,
-                 "scaler_md5": file_md5(args.data / "scaler.json")},  # evaluate checks it is paired with this one
+                 "scaler_md5": data_md5["scaler.json"]},  # evaluate checks it is paired with this one
                 indent=2) + "\n")
             write_manifest(tmp, f"train@{args.device}")
         write_json(args.details, details)
