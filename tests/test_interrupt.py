@@ -28,7 +28,8 @@ STAGES = {
               "--metrics", "metrics/train_cpu.json", "--details", "details/train_cpu.json",
               "--live", "dvclive/train_cpu"],
 }
-MOMENTS = {"fetch": (0.2, 0.5, 0.8), "preprocess": (0.3, 0.6, 0.9), "train": (0.5, 0.85)}
+# Fractions of the uninterrupted run's duration, and "writing": as soon as the run's own temporary folder exists.
+MOMENTS = {"fetch": (0.2, 0.5, 0.8, "writing"), "preprocess": (0.3, 0.6, 0.9, "writing"), "train": (0.5, "writing")}
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
 
@@ -54,7 +55,21 @@ def outputs(folder, stage):
 
 
 def debris(folder):
-    return sorted(p.relative_to(folder) for p in folder.rglob(f"{TMP_PREFIX}*"))
+    return sorted(p.relative_to(folder) for p in debris_paths(folder))
+
+
+def wait_for_its_temporary(folder, proc, timeout_s=120):
+    """Return once `proc` has a temporary output folder (or has ended: a fast stage may finish first)."""
+    mine = f"{TMP_PREFIX}{proc.pid}-"
+    deadline = time.perf_counter() + timeout_s
+    while proc.poll() is None and time.perf_counter() < deadline:
+        if any(path.name.startswith(mine) for path in debris_paths(folder)):
+            return
+        time.sleep(0.002)
+
+
+def debris_paths(folder):
+    return folder.rglob(f"{TMP_PREFIX}*")
 
 
 def visible_to_git(folder):
@@ -102,10 +117,13 @@ def test_a_killed_stage_leaves_nothing_and_the_next_run_gives_the_same_result(fo
     for signum in SIGNALS:
         for moment in MOMENTS[stage]:
             proc = start(folder, stage)
-            time.sleep(duration * moment)
+            if moment == "writing":
+                wait_for_its_temporary(folder, proc)
+            else:
+                time.sleep(duration * moment)
             proc.send_signal(signum)
             _, err = proc.communicate(timeout=300)
-            where = f"{stage} sent {signum.name} at {moment:.0%} of its run"
+            where = f"{stage} sent {signum.name} " + (moment if moment == "writing" else f"at {moment:.0%} of its run")
             if signum != signal.SIGKILL and proc.returncode != 0:
                 assert proc.returncode == 128 + signum, f"{where}: exit {proc.returncode}: {err}"
                 assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
@@ -118,7 +136,7 @@ def test_a_killed_stage_leaves_nothing_and_the_next_run_gives_the_same_result(fo
             assert visible_to_git(folder) == [], f"{where}: git offers {visible_to_git(folder)}"
             assert ignored_by_dvc(folder, debris(folder)), f"{where}: DVC would hash {debris(folder)}"
 
-    if stage == "train":  # killed mid-fit, it had its DVCLive folder open: the checks above saw real debris
+    if stage == "train":  # killed mid-fit, with its DVCLive folder open: the checks above saw real debris
         assert left_by_sigkill, "no SIGKILL of train left a temporary folder: the test checked nothing"
     again = start(folder, stage)
     _, err = again.communicate(timeout=300)
