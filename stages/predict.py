@@ -1,18 +1,22 @@
-"""predict: classify images of digits with a trained classifier (train's classifier.keras).
+"""predict: classify photos, scans and drawings of digits with a trained classifier.
 
-    python -m stages.predict digit.png photo.jpg more.npz [--model models/cpu] [--json]
+    python -m stages.predict digit.png photo.jpg more.npz [--model models/cpu] [--json] [--explain [FOLDER]]
 
-Images (PNG, JPEG, any size) become 28x28 grayscale, white digit on black as
-in MNIST: inverted when the background is light, and, unless already 28x28,
-cropped to the digit, scaled to fit 20x20 and centred by its centre of mass
-(MNIST's own recipe). An .npz gives every array in it of shape (28, 28) or
-(N, 28, 28), pixels 0..255. Rounded to uint8 pixels, as MNIST's are, they go
-to the classifier, which standardizes them exactly as in training (the
-scaler is inside it). Transparency is composited onto the paper the ink is
-not. A file that cannot be used (unreadable, over the limits below, pixels
-outside 0..255) is a one-line error for that file, and a blank image is "no
-digit found", not a guess; the others still get answers; the exit status is
-1 if any failed.
+A picture (PNG, JPEG, any size) is brought to MNIST's form as MNIST's own
+digits were: the paper's lighting removed, the ink separated from it by a
+threshold chosen from the image, specks and far marks dropped, the digit
+cropped, fitted into 20x20 and centred by mass in 28x28, white on black, its
+edges grey (to_mnist, digit_ink). A 28x28 image is taken as already in that
+form. An .npz gives every array in it of shape (28, 28) or (N, 28, 28),
+pixels 0..255. Rounded to uint8 pixels, as MNIST's are, they go to the
+classifier (Runtime: classifier.onnx with ONNX Runtime, which starts in a
+fraction of a second; classifier.keras with Keras where train wrote no ONNX
+file), which standardizes them exactly as in training. --explain writes the
+28x28 image the network saw beside each input. Transparency is composited
+onto the paper the ink is not. A file that cannot be used (unreadable, over
+the limits below, pixels outside 0..255) is a one-line error for that file,
+and a blank image is "no digit found", not a guess; the others still get
+answers; the exit status is 1 if any failed.
 Not a pipeline stage: a tool that uses what the pipeline made.
 """
 
@@ -22,16 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import UserError, check_files, import_keras, read_json, run, to_json
+from stages.common import (MANIFEST, UserError, atomic_path, check_files, import_keras, read_json, run,
+                           to_json)
 
-SIDE, BOX = 28, 20  # MNIST: digits fitted into 20x20, centred in 28x28
+SIDE, BOX = 28, 20  # MNIST: digits fitted into 20x20, centred by mass in 28x28
 # Limits on what one file may cost: the README lists them. A photo from a phone (12-48 megapixels)
 # passes; a file that declares more is refused from its header, before it is decoded.
 MAX_FILE_MB = 50  # 50 x 10^6 bytes
 MAX_PIXELS = 50_000_000
 MAX_IMAGES = 100_000  # per .npz file (MNIST's whole test set is 10,000)
 WORK_SIDE = 1024      # larger images are first reduced to this long side: a digit needs no more
+PREP_SIDE = 400       # the photo preparation works at this long side (a digit ends at 20 px)
 MIN_CONTRAST = 32     # grey levels between paper and ink, below which there is no digit to read
+STROKE = 2.4          # MNIST's mean stroke width, in pixels of the 28x28 image
 
 
 class NoDigit(UserError):
@@ -39,23 +46,114 @@ class NoDigit(UserError):
 
 
 def to_mnist(gray):
-    """A 2-D grayscale array (0..255, any size) -> 28x28 float, white digit on black.
+    """A 2-D grayscale array (0..255, any size) -> 28x28 float 0..255, white digit on black as in MNIST.
 
-    Raises NoDigit when the image is blank (less contrast than MIN_CONTRAST).
+    A 28x28 image is taken to be in MNIST's form already (inverted when its
+    border is light); anything else is a photo or scan and goes through
+    prepare(). Raises NoDigit when there is no ink to read.
     """
-    from PIL import Image
-
     gray = np.asarray(gray, dtype=np.float64)
     if gray.size == 0 or np.ptp(gray) < MIN_CONTRAST:
         raise NoDigit("no digit found (the image is blank)")
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:  # dark digit on a light background
-        gray = 255.0 - gray
     if gray.shape == (SIDE, SIDE):
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        return 255.0 - gray if np.median(border) > 127 else gray
+    return fit_box(digit_ink(gray))
+
+
+def reduce(gray, side):
+    """The image with its long side at most `side`, by area averaging (PIL's reducing resize)."""
+    from PIL import Image
+
+    scale = side / max(gray.shape)
+    if scale >= 1:
         return gray
-    ink = gray > 0.3 * gray.max()
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    return np.asarray(Image.fromarray(gray.astype(np.float32)).resize(size, Image.BOX), dtype=np.float64)
+
+
+def ink_is_dark(gray):
+    """Whether the ink is darker than the paper: the paper holds the border; the ink is the far tail from it."""
+    border = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+    low, high = np.percentile(gray, [0.5, 99.5])
+    return border - low >= high - border
+
+
+def quadratic_terms(shape):
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+    ys, xs = ys / shape[0] - 0.5, xs / shape[1] - 0.5
+    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
+
+
+def paper(page, rounds=6):
+    """The paper's brightness under the lighting, for a page whose ink is dark.
+
+    The surface is a quadratic in x and y (a gradient, a vignette), fitted by
+    least squares first to the page's brighter half, then to every pixel not
+    far below the fit: ink lies only below the paper, so only that side is
+    cut, and the paper's noise is measured on the side ink never reaches.
+    Holds with ink on up to half the page (a bold digit filling the frame).
+    """
+    small = reduce(page, 64)
+    terms, values = quadratic_terms(small.shape).reshape(-1, 6), small.ravel()
+    keep = values >= np.median(values)
+    for _ in range(rounds):
+        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        residual = values - terms @ coef
+        above = residual[keep & (residual > 0)]
+        spread = 1.4826 * np.median(above) if above.size else 0.0
+        keep = residual > -2.5 * spread - 1.0
+    return quadratic_terms(page.shape) @ coef
+
+
+def digit_ink(gray):
+    """A photo or scan -> the digit's ink, 0 (paper) to 255 (the stroke's core), cropped to the digit.
+
+    Dark ink on light paper or light on dark (chalk on a board); the paper's
+    lighting is removed (paper()); a light blur takes the camera's noise; the
+    threshold between paper and ink is Otsu's, never below 5 noise
+    deviations; of the ink's connected pieces, the heaviest and those near it
+    are the digit, specks and far marks are dropped. Raises NoDigit when no
+    ink stands out of the noise.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    gray = reduce(gray, PREP_SIDE)
+    page = gray if ink_is_dark(gray) else 255.0 - gray
+    surface = np.maximum(paper(page), 1.0)
+    # light multiplies paper and ink alike: ink is how much light it takes away, a share of the paper's
+    below = ndimage.gaussian_filter(255.0 * (surface - page) / surface, sigma=max(gray.shape) / PREP_SIDE)
+    # the noise, measured where no ink reaches (above the paper); the 1: a clean scan's quantization
+    noise = 1.4826 * np.median(-below[below < 0]) + 1.0 if (below < 0).any() else 1.0
+    ink = np.maximum(0.0, below)
+    if ink.max() < max(MIN_CONTRAST / 2, 10 * noise):
+        raise NoDigit("no digit found (no ink stands out of the paper)")
+    threshold = max(threshold_otsu(ink), 5 * noise)
+    pieces, n = ndimage.label(ink > threshold, structure=np.ones((3, 3)))
+    index = np.arange(1, n + 1)
+    mass = ndimage.sum_labels(ink, pieces, index)
+    boxes = ndimage.find_objects(pieces)
+    touches = np.array([b[0].start == 0 or b[1].start == 0 or b[0].stop == ink.shape[0] or b[1].stop == ink.shape[1]
+                        for b in boxes])
+    main = int(np.argmax(mass * np.where(touches, 0.3, 1.0)))  # a mark cut by the frame is rarely the digit
+    (top, bottom), (left, right) = ((s.start, s.stop) for s in boxes[main])
+    reach = 0.35 * max(bottom - top, right - left)
+    keep = [i for i, b in enumerate(boxes)
+            if mass[i] >= 0.03 * mass[main] and b[0].start < bottom + reach and b[0].stop > top - reach
+            and b[1].start < right + reach and b[1].stop > left - reach]
+    digit = np.isin(pieces, index[keep])
+    digit = ndimage.binary_dilation(digit, iterations=max(1, round(2 * max(gray.shape) / PREP_SIDE)))
+    level = np.percentile(ink[np.isin(pieces, index[keep])], 90)
+    ink = np.where(digit, np.clip(ink / level, 0, 1) * 255.0, 0.0)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def fit_box(crop):
+    """A cropped digit (white on black) -> 28x28: fitted into 20x20 keeping its aspect, centred by mass."""
+    from PIL import Image
+
     scale = BOX / max(crop.shape)
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
     small = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, Image.LANCZOS)).clip(0, 255)
@@ -88,15 +186,16 @@ def flatten_alpha(img):
     return np.rint(alpha * luminance + (1 - alpha) * paper).astype(np.uint8)
 
 
-def read_image(path):
-    """One image file -> 2-D grayscale uint8, its size checked before it is decoded."""
+def read_image(source, name=None):
+    """One image (a path or a binary file object) -> 2-D grayscale uint8, its size checked before it is decoded."""
     from PIL import Image
 
+    name = source if name is None else name
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard warns, then raises, past it: ours below is one line
-    with Image.open(path) as img:
+    with Image.open(source) as img:
         width, height = img.size
         if width * height > MAX_PIXELS:
-            raise UserError(f"{path}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}; "
+            raise UserError(f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}; "
                             f"scale it down first")
         img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a reduced scale where it can
         if max(img.size) > WORK_SIDE:
@@ -123,7 +222,10 @@ def read_stack(path, key, arr):
 
 
 def read_inputs(path):
-    """[(name, 28x28 array, or the NoDigit of that image)] from one file; a UserError if the file is unusable."""
+    """[(name, 28x28 array or None, why None, the name of its --explain view)] from one file.
+
+    A UserError if the file is unusable.
+    """
     from PIL import UnidentifiedImageError
 
     from stages.common import npz_headers
@@ -152,13 +254,13 @@ def read_inputs(path):
         items = []
         for key, arr in arrays.items():
             for i, img in enumerate(read_stack(path, key, arr)):
-                items.append((f"{path}:{key}[{i}]", *to_mnist_or_none(img)))
+                items.append((f"{path}:{key}[{i}]", *to_mnist_or_none(img), f"{path.stem}.{key}.{i}.28x28.png"))
         return items
     try:
         gray = read_image(path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:  # SyntaxError: PIL's word for a broken PNG
         raise UserError(f"{path}: not an image PIL can read ({type(err).__name__})") from None
-    return [(str(path), *to_mnist_or_none(gray))]
+    return [(str(path), *to_mnist_or_none(gray), f"{path.stem}.28x28.png")]
 
 
 def to_mnist_or_none(gray):
@@ -174,17 +276,72 @@ def to_pixels(images):
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
+class Runtime:
+    """A trained classifier, ready to predict: ONNX Runtime on classifier.onnx when train wrote one, else Keras.
+
+    ONNX Runtime starts in a fraction of a second where TensorFlow takes
+    seconds; train checked that the two give the same probabilities (to 1e-5).
+    `name` says which one answers.
+    """
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        names = ["classifier.keras", "params.json"]
+        self.onnx = "classifier.onnx" in read_json(folder / MANIFEST).get("files", {})
+        check_files(folder, names + ["classifier.onnx"] * self.onnx)
+        if self.onnx:
+            import onnxruntime
+
+            self.session = onnxruntime.InferenceSession(str(folder / "classifier.onnx"),
+                                                        providers=["CPUExecutionProvider"])
+            self.name = f"onnxruntime {onnxruntime.__version__}"
+            return
+        trained = read_json(folder / "params.json")
+        keras = import_keras(trained["base"]["backend"], device="cpu")
+        try:
+            self.model = keras.models.load_model(folder / "classifier.keras")
+        except ValueError as err:  # Keras's word for a missing or unreadable file
+            raise UserError(f"cannot load {folder / 'classifier.keras'} ({err}); run `dvc repro` to make it") \
+                from None
+        self.name = f"keras {keras.__version__} ({trained['base']['backend']})"
+
+    def predict(self, pixels):
+        """(N, 28, 28) uint8 -> (N, 10) float64 probabilities."""
+        if self.onnx:
+            session = self.session
+            return np.asarray(session.run(None, {session.get_inputs()[0].name: pixels})[0], dtype=np.float64)
+        return np.asarray(self.model.predict(pixels, verbose=0), dtype=np.float64)
+
+
+def write_view(image, path):
+    """The 28x28 image the network saw, as an 8-bit PNG (predict reads it back to the same answer)."""
+    from PIL import Image
+
+    try:
+        with atomic_path(path) as tmp:
+            Image.fromarray(to_pixels(image[None])[0]).save(tmp, format="PNG")
+    except OSError as err:
+        raise UserError(f"--explain: cannot write {path} ({err.strerror or err}); "
+                        f"give a folder you can write to: --explain FOLDER") from None
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="PNG/JPEG images or .npz arrays")
     parser.add_argument("--model", type=Path, default=Path("models/cpu"),
                         help="a train output folder, holding classifier.keras and params.json")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--explain", nargs="?", const=True, metavar="FOLDER",
+                        help="write the 28x28 image the network saw, as NAME.28x28.png, beside each input "
+                             "(or in FOLDER)")
     args = parser.parse_args(argv)
+    if isinstance(args.explain, str) and not Path(args.explain).is_dir():
+        raise UserError(f"--explain {args.explain}: no such folder; create it, or give --explain alone "
+                        f"to write beside each input")
 
-    check_files(args.model, ["classifier.keras", "params.json"])
-    trained = read_json(args.model / "params.json")
-    per_file = []  # in the order given: (file, error or None, [(name, image or None, no-digit reason)])
+    runtime = Runtime(args.model)  # checks the model's files before any image is read
+    per_file = []  # in the order given: (file, error or None, read_inputs's items)
     for path in args.files:
         try:
             per_file.append((path, None, read_inputs(path)))
@@ -193,27 +350,24 @@ def main(argv=None):
         except Exception as err:  # noqa: BLE001  (a file of any kind must not take the others' answers)
             per_file.append((path, f"{path}: cannot be read ({type(err).__name__}: "
                                    f"{' '.join(str(err).split())[:200]})", []))
-    inputs = [image for _, _, items in per_file for _, image, _ in items if image is not None]
+    inputs = [image for _, _, items in per_file for _, image, _, _ in items if image is not None]
     probs = iter([])
     if inputs:
-        keras = import_keras(trained["base"]["backend"], device="cpu")
-        try:
-            model = keras.models.load_model(args.model / "classifier.keras")
-        except ValueError as err:  # Keras's word for a missing or unreadable file
-            raise UserError(f"cannot load {args.model / 'classifier.keras'} ({err}); run `dvc repro` to make it") \
-                from None
-        probs = iter(np.asarray(model.predict(to_pixels(np.stack(inputs)), verbose=0), dtype=np.float64))
+        probs = iter(runtime.predict(to_pixels(np.stack(inputs))))
     results = []
     for path, error, items in per_file:
         if error:
             results.append({"file": str(path), "error": error})
-        for name, image, no_digit in items:
+        for name, image, no_digit, view in items:
             if image is None:
                 results.append({"file": name, "error": f"{name}: {no_digit}"})
                 continue
             p = next(probs)
             results.append({"file": name, "digit": int(p.argmax()), "probability": round(float(p.max()), 6),
                             "probabilities": [round(float(v), 6) for v in p]})
+            if args.explain:
+                folder = Path(path).parent if args.explain is True else Path(args.explain)
+                results[-1]["seen"] = str(write_view(image, folder / view))
     failed = [r for r in results if "error" in r]
     if args.json:
         print(to_json(results, indent=2))
@@ -222,7 +376,8 @@ def main(argv=None):
             if "error" in r:
                 print(f"error: {r['error']}", file=sys.stderr, flush=True)
             else:
-                print(f"{r['file']}: {r['digit']} ({r['probability']:.1%})", flush=True)
+                seen = f"  (saw {r['seen']})" if "seen" in r else ""
+                print(f"{r['file']}: {r['digit']} ({r['probability']:.1%}){seen}", flush=True)
     if failed:
         sys.exit(1)
 

@@ -116,3 +116,28 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MNIST_NPZ", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A model trained here on the sample (the seed's CNN, 2 epochs: about 95 %), for predict and serve.
+
+    (model folder, raw test images, test labels, the network's own predictions on their standardized forms)."""
+    from stages import build_init_weights, train
+    from stages.common import import_keras
+
+    tmp = tmp_path_factory.mktemp("predict")
+    with np.load(SAMPLE) as npz:
+        raw = {name: npz[name] for name in npz.files}
+    arrays, _ = write_processed(tmp / "data", raw)
+    params = tiny_params(**{"train.epochs": 2, "train.batch_size": 64})
+    params["model"] = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]  # the seed's CNN
+    p = write_params(tmp / "params.yaml", params)
+    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "m.json"),
+                             "--details", str(tmp / "md.json"), "--params", str(p)])
+    train.main(["--device", "cpu", "--data", str(tmp / "data"), "--init", str(tmp / "init"), "--out", str(tmp / "cpu"),
+                "--metrics", str(tmp / "t.json"), "--details", str(tmp / "d.json"), "--live", str(tmp / "live"),
+                "--params", str(p)])
+    keras = import_keras("tensorflow", device="cpu")
+    oracle = keras.models.load_model(tmp / "cpu" / "model.keras").predict(arrays["x_test"][:20], verbose=0)
+    return tmp / "cpu", raw["x_test"][:20], raw["y_test"][:20], oracle.argmax(axis=1)
