@@ -14,6 +14,7 @@ generator: so TensorFlow, JAX and PyTorch start from identical numbers.
 """
 
 import argparse
+import functools
 import math
 import re
 from pathlib import Path
@@ -57,6 +58,7 @@ class ModelParams(Strict):
     output_activation: Literal["softmax", "sigmoid"]
     l2: L2Params
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # before each dense layer
+    batch_norm: bool  # BatchNormalization after each conv and hidden dense layer, before its activation
 
     @model_validator(mode="after")
     def _together(self):
@@ -114,8 +116,17 @@ def weighted_layers(model):
 
 
 def count_weights(model):
-    """The number of trainable weights, computed from the params alone (a check on Keras)."""
-    return sum((fan_in + 1) * units for fan_in, units, _ in weighted_layers(model))
+    """The number of weights Keras holds, computed from the params alone (a check on Keras).
+
+    With batch_norm, each conv and hidden dense layer has no bias (the
+    normalization's shift replaces it) and its normalization 4 per unit: a
+    scale and a shift that train, a mean and a variance that track the batches.
+    """
+    layers = weighted_layers(model)
+    if not model.batch_norm:
+        return sum((fan_in + 1) * units for fan_in, units, _ in layers)
+    *hidden, (fan_in, units, _) = layers
+    return sum((f + 4) * u for f, u, _ in hidden) + (fan_in + 1) * units
 
 
 def train_flops(model):
@@ -136,24 +147,35 @@ def describe(model):
     parts += [f"dense{d.units}" for d in model.dense_layers.values()] + [model.output_activation]
     extras = [f"l2={model.l2.conv}/{model.l2.dense}"] if model.l2.conv or model.l2.dense else []
     extras += [f"dropout={model.dropout}"] if model.dropout else []
+    extras += ["batchnorm"] if model.batch_norm else []
     return " ".join(parts + extras)
 
 
 def build_model(keras, model):
     """The Keras model the params describe (not yet compiled).
 
-    L2 and dropout at 0 add nothing, so the seed's model stays exactly the seed's.
+    L2 and dropout at 0 and batch_norm off add nothing, so the seed's model
+    stays exactly the seed's. batch_norm: each conv and hidden dense layer
+    computes without bias and without activation, then BatchNormalization
+    (`<name>_bn`), then the activation (`<name>_act`).
     """
     L = keras.layers
 
     def l2(value):
         return keras.regularizers.L2(value) if value else None
 
+    def normalized(layer, activation, name):
+        if not model.batch_norm:
+            return [layer(activation=activation, use_bias=True)]
+        return [layer(activation=None, use_bias=False), L.BatchNormalization(name=f"{name}_bn"),
+                L.Activation(activation, name=f"{name}_act")]
+
     layers = [keras.Input(shape=INPUT_SHAPE, name="image")]
     for name, block in model.conv_blocks.items():
         k = block.kernel_size
-        layers.append(L.Conv2D(block.filters, kernel_size=(k, k), activation=block.activation,
-                               kernel_regularizer=l2(model.l2.conv), name=name))
+        layers += normalized(functools.partial(L.Conv2D, block.filters, kernel_size=(k, k),
+                                               kernel_regularizer=l2(model.l2.conv), name=name),
+                             block.activation, name)
         if block.pool_size:
             p = block.pool_size
             layers.append(L.MaxPooling2D(pool_size=(p, p), name=f"{name}_pool"))
@@ -162,7 +184,11 @@ def build_model(keras, model):
     for name, units, activation in dense + [("output", N_CLASSES, model.output_activation)]:
         if model.dropout:
             layers.append(L.Dropout(model.dropout, name=f"{name}_dropout"))
-        layers.append(L.Dense(units, activation=activation, kernel_regularizer=l2(model.l2.dense), name=name))
+        dense_layer = functools.partial(L.Dense, units, kernel_regularizer=l2(model.l2.dense), name=name)
+        if name == "output":
+            layers.append(dense_layer(activation=activation))
+        else:
+            layers += normalized(dense_layer, activation, name)
     return keras.Sequential(layers, name="mnist_cnn")
 
 
@@ -210,6 +236,10 @@ def main(argv=None):
     keras = import_keras(base.backend, device="cpu")
     model = build_model(keras, arch)
     model.set_weights(initial_weights([tuple(w.shape) for w in model.weights], base.seed))
+    for layer in model.layers:  # batch normalization starts as the identity: scale 1, variance 1
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(np.ones(layer.gamma.shape, np.float32))
+            layer.moving_variance.assign(np.ones(layer.moving_variance.shape, np.float32))
     n_weights = model.count_params()
     if n_weights != count_weights(arch):  # an oracle for build_model
         raise RuntimeError(f"Keras counts {n_weights} weights, the params say {count_weights(arch)}")

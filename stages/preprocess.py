@@ -35,6 +35,7 @@ IMAGE_SHAPE = (28, 28, 1)
 
 class PreprocessParams(Strict):
     procedure: Literal["published_split", "pooled_resplit"]
+    scaler: Literal["per_pixel", "global"]
 
 
 def split(raw, procedure, seed):
@@ -54,9 +55,22 @@ def split(raw, procedure, seed):
     return x[order[:n_train]], y[order[:n_train]], x[order[n_train:]], y[order[n_train:]]
 
 
-def fit_scaler(images):
-    """A StandardScaler fitted per pixel on (N, 28, 28) uint8 images."""
-    return StandardScaler().fit(images.reshape(len(images), -1).astype(np.float64))
+def fit_scaler(images, kind="per_pixel"):
+    """A StandardScaler of the 784 pixels fitted on (N, 28, 28) uint8 images: per pixel, or one for all.
+
+    global: one mean and one deviation over every pixel of every image, given
+    to each of the 784 columns, so that everything downstream (the table
+    inside the classifier, scaler.json's formula) is the same code.
+    """
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    if kind == "per_pixel":
+        return StandardScaler().fit(flat)
+    one = StandardScaler().fit(flat.reshape(-1, 1))
+    scaler = StandardScaler()
+    scaler.mean_, scaler.var_, scaler.scale_ = (np.full(flat.shape[1], a[0]) for a in (one.mean_, one.var_,
+                                                                                      one.scale_))
+    scaler.n_features_in_, scaler.n_samples_seen_ = flat.shape[1], len(flat)
+    return scaler
 
 
 def standardize(images, scaler):
@@ -65,10 +79,11 @@ def standardize(images, scaler):
     return flat.astype(np.float32).reshape(len(images), *IMAGE_SHAPE)
 
 
-def scaler_record(scaler, procedure):
+def scaler_record(scaler, procedure, kind="per_pixel"):
     """The fitted scaler as JSON-ready plain data."""
     return {
         "procedure": procedure,
+        "scaler": kind,
         "n_samples_seen": int(scaler.n_samples_seen_),
         "formula": "x_std = (x.reshape(-1, 784) - mean) / scale, x in 0..255",
         "mean": scaler.mean_.tolist(),
@@ -76,16 +91,16 @@ def scaler_record(scaler, procedure):
     }
 
 
-def preprocess(raw, procedure, seed):
+def preprocess(raw, procedure, seed, kind="per_pixel"):
     """Return ({name: array} to save, scaler record)."""
     x_train, y_train, x_test, y_test = split(raw, procedure, seed)
     fit_on = x_train if procedure == "published_split" else np.concatenate([x_train, x_test])
-    scaler = fit_scaler(fit_on)
+    scaler = fit_scaler(fit_on, kind)
     arrays = {
         "x_train": standardize(x_train, scaler), "y_train": y_train, "pixels_train": x_train,
         "x_test": standardize(x_test, scaler), "y_test": y_test,
     }
-    return arrays, scaler_record(scaler, procedure)
+    return arrays, scaler_record(scaler, procedure, kind)
 
 
 def load_raw(folder):
@@ -105,7 +120,7 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, preprocess=PreprocessParams)
     procedure = params["preprocess"].procedure
 
-    arrays, scaler = preprocess(load_raw(args.raw), procedure, params["base"].seed)
+    arrays, scaler = preprocess(load_raw(args.raw), procedure, params["base"].seed, params["preprocess"].scaler)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
         for name, arr in arrays.items():

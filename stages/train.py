@@ -7,10 +7,12 @@ dvc.yaml runs it once per entry of train.devices (stages train@cpu, train@gpu).
 --device gpu fails unless the backend sees a GPU, and after training the
 weights' actual placement is checked, so a run is never labeled GPU that ran
 on a CPU (stages/devices.py). Fits the classifier of stages/classifier.py
-(uint8 pixels in, the standardization inside) and writes, in --out:
-classifier.keras (that classifier, to load and use anywhere), model.keras (the
-network alone, standardized images in, as evaluate reads it) and params.json
-(the params it was trained with). --metrics gets the fit time (what
+(uint8 pixels in, the standardization inside), behind random moves of its
+images when train.augment asks for them, and writes, in --out:
+classifier.keras (that classifier, to load and use anywhere),
+classifier.onnx (the same for ONNX Runtime, predict's fast start; checked
+against Keras to 1e-5), model.keras (the network alone, standardized images
+in, as evaluate reads it) and params.json (the params it was trained with). --metrics gets the fit time (what
 `dvc metrics show` shows), --details the device, timings and final metrics,
 and DVCLive one line per epoch, counted from 1, of loss, accuracy (and their
 validation twins when train.validation_split > 0), learning rate and epoch time.
@@ -22,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -48,6 +51,12 @@ class GpuParams(Strict):
     memory_limit_mb: PositiveInt | None
 
 
+class AugmentParams(Strict):
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)]  # degrees, either way
+    shift: Annotated[float, Field(ge=0.0, le=0.5)]       # a share of the side, each axis, either way
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)]        # a share of the size, in or out
+
+
 class TrainParams(Strict):
     devices: Annotated[list[Literal["cpu", "gpu"]], Field(min_length=1)]
     epochs: Annotated[int, Field(gt=0, le=10_000)]
@@ -63,6 +72,7 @@ class TrainParams(Strict):
     shuffle: bool
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)]
     precision: Literal["float32", "mixed_bfloat16"]
+    augment: AugmentParams
     cpu: CpuParams
     gpu: GpuParams
 
@@ -181,6 +191,32 @@ def fit_size(n_images, validation_split):
     return math.floor(n_images * (1.0 - validation_split)) if validation_split else n_images
 
 
+def augmented(keras, classifier, augment, seed):
+    """`classifier` behind random shifts, rotations and zooms of its uint8 pixels, in training only.
+
+    Keras's own preprocessing layers, in the graph: at inference (evaluate,
+    predict, validation) they pass images through unchanged, and train saves
+    `classifier` alone. They move the pixels before the standardization, so
+    the new border is black paper (0), as MNIST's is; the interpolated values
+    stay in 0..255, which the standardizer's table reads (it drops fractions).
+    Returns `classifier` itself when every augment key is 0.
+    """
+    L = keras.layers
+    steps = [layer for on, layer in [
+        (augment.rotation, lambda: L.RandomRotation(augment.rotation / 360, fill_mode="constant", seed=seed)),
+        (augment.shift, lambda: L.RandomTranslation(augment.shift, augment.shift, fill_mode="constant",
+                                                    seed=seed + 1)),
+        (augment.zoom, lambda: L.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2)),
+    ] if on]
+    if not steps:
+        return classifier
+    side = classifier.input_shape[1:]
+    pixels = keras.Input(shape=side, dtype="uint8", name="pixels")
+    moved = keras.Sequential([L.Reshape((*side, 1)), *[make() for make in steps], L.Reshape(side)],
+                             name="augment")(L.Rescaling(1.0, dtype="float32")(pixels))
+    return keras.Model(pixels, classifier(moved), name="augmented")
+
+
 def fit(keras, model, x, y, train, live):
     """Compile and fit, logging each epoch to `live`.
 
@@ -226,6 +262,37 @@ def fit(keras, model, x, y, train, live):
                         validation_split=train.validation_split,
                         callbacks=[StopOnNonFinite(), EpochLog(), live_callback(keras, live)])
     return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that classifier.onnx may show from Keras
+
+
+def export_onnx(keras, classifier, path, pixels):
+    """Write `classifier` as ONNX to `path`, for predict's fast start; refuse it unless it agrees with Keras.
+
+    Returns None when done, or the reason it could not be made on this backend
+    (Keras's exporter on jax and torch needs packages the core install lacks):
+    predict then loads classifier.keras, and says so.
+    """
+    expected = keras.ops.convert_to_numpy(classifier(pixels, training=False))  # also: the exporter wants a call
+    try:
+        with warnings.catch_warnings():  # Keras's tf2onnx shim trips NumPy 2's FutureWarning on np.object
+            warnings.simplefilter("ignore", FutureWarning)
+            classifier.export(str(path), format="onnx", verbose=False)
+    except ImportError as err:
+        if keras.backend.backend() == "tensorflow":
+            raise UserError(f"cannot export classifier.onnx ({err}); install the pins: "
+                            f"`pip install -r requirements.txt`") from None
+        return f"Keras's ONNX export on {keras.backend.backend()} needs {err.name or err}"
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    worst = float(np.abs(got - expected).max())
+    if not worst <= ONNX_TOLERANCE:
+        raise UserError(f"classifier.onnx gives probabilities up to {worst:.2g} away from Keras's "
+                        f"(allowed {ONNX_TOLERANCE}); nothing was written. Report it with `pip freeze`")
+    return None
 
 
 def declared(train, device):
@@ -281,7 +348,8 @@ def main(argv=None):
     try:
         pixels = np.load(args.data / "pixels_train.npy")
         y = np.load(args.data / "y_train.npy")
-        table = standardize_table(read_json(args.data / "scaler.json"))
+        scaler = read_json(args.data / "scaler.json")
+        table = standardize_table(scaler)
         check_pixels(pixels, np.load(args.data / "x_train.npy", mmap_mode="r"), table)
         model = keras.models.model_from_json(with_precision((args.init / "model.json").read_text(),
                                                             train.precision))
@@ -289,6 +357,9 @@ def main(argv=None):
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
     check_split(len(pixels), train.validation_split)
+    if scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
+        print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "
+              "is tiny: they will stand out by thousands; set preprocess.scaler=global", file=sys.stderr)
     print(f"train on {args.device} ({device_name}, {base.backend}): {len(pixels)} images, "
           f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}")
 
@@ -301,7 +372,8 @@ def main(argv=None):
             # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
             pixels = keras.ops.convert_to_tensor(pixels)
         fitted = classifier(keras, model, table)
-        history, epoch_s, fit_s, fit_cpu_s = fit(keras, fitted, pixels, y, train, live)
+        history, epoch_s, fit_s, fit_cpu_s = fit(keras, augmented(keras, fitted, train.augment, base.seed),
+                                                 pixels, y, train, live)
         where = placement(model.weights[0])
         if on_gpu(where) != (args.device == "gpu"):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
@@ -312,7 +384,9 @@ def main(argv=None):
             tmp.mkdir()
             model.save(tmp / "model.keras")
             # the same layers, uncompiled: no optimizer state or training config in the file users load
-            keras.Model(fitted.input, fitted.output, name=fitted.name).save(tmp / "classifier.keras")
+            final = keras.Model(fitted.input, fitted.output, name=fitted.name)
+            final.save(tmp / "classifier.keras")
+            no_onnx = export_onnx(keras, final, tmp / "classifier.onnx", np.asarray(pixels[:256]))
             (tmp / "params.json").write_text(to_json(
                 {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device,
                  "scaler_md5": data_md5["scaler.json"]},  # evaluate checks it is paired with this one
@@ -322,8 +396,10 @@ def main(argv=None):
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
     print(f"fit {fit_s:.1f} s on {device_name} ({details['samples_per_s']:.0f} images/s), "
           f"final accuracy {details['final_accuracy']:.4f}")
-    print(f"wrote {args.out}/ (classifier.keras, model.keras, params.json), {args.metrics}, {args.details}, "
-          f"{args.live}/")
+    if no_onnx:
+        print(f"no classifier.onnx ({no_onnx}): predict will load classifier.keras")
+    print(f"wrote {args.out}/ (classifier.keras{'' if no_onnx else ', classifier.onnx'}, model.keras, params.json), "
+          f"{args.metrics}, {args.details}, {args.live}/")
 
 
 def backend_version(backend):

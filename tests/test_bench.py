@@ -67,3 +67,30 @@ def test_the_table_says_which_targets_hold():
     assert cells["floor: its FLOPs at matmul peak (s)"] == ["24.0", "24.0", "200 GFLOP/s"]
     assert cells["share of that peak (%)"] == ["48", "96", "0.6x needs 80"]  # 24/50, 24/25; 48 % / 0.6
     assert cells["fast preset floor at bf16 peak (s)"] == ["4.7", "410 GFLOP/s"]  # 16e6 x 60,000 x 2 / 410e9
+
+
+def accurate_preset():
+    return yaml.safe_load((ROOT / "params-accurate.yaml").read_text())
+
+
+def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
+    from stages.build_init_weights import ModelParams, count_weights
+    from stages.preprocess import PreprocessParams
+
+    speed = load_speed()
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    speed.set_params(params, accurate_preset())
+    loaded = yaml.safe_load(params.read_text())
+    train = validate(loaded["train"], TrainParams, "train")
+    model = validate(loaded["model"], ModelParams, "model")
+    assert train.augment.rotation > 0 and model.batch_norm and count_weights(model) == 242_602
+    assert validate(loaded["preprocess"], PreprocessParams, "preprocess").scaler == "global"  # see train's warning
+
+
+def test_the_readmes_accurate_preset_command_is_the_preset():
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.strip().startswith("dvc exp run -n accurate"))
+    words = shlex.split(line.strip())
+    pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]
+    assert {k: yaml.safe_load(v) for k, v in pairs} == accurate_preset()

@@ -29,15 +29,17 @@ def test_training_flops_per_image_of_the_seed_architecture():
     assert biw.train_flops(default_model()) == 3 * sum(forward.values()) == 16_786_536  # the issue's 16.8 M
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("conv, dense", [
     ({"a": {"filters": 8, "kernel_size": 5, "activation": "tanh", "pool_size": None}}, {}),
     ({"a": {"filters": 4, "kernel_size": 3, "activation": "elu", "pool_size": 3},
       "b": {"filters": 6, "kernel_size": 2, "activation": "sigmoid", "pool_size": 2}},
      {"d1": {"units": 12, "activation": "tanh"}, "d2": {"units": 7, "activation": "sigmoid"}}),
 ])
-def test_keras_agrees_with_the_count_from_params(conv, dense):
+def test_keras_agrees_with_the_count_from_params(conv, dense, batch_norm):
     model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid",
-                      "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3}, biw.ModelParams, "model")
+                      "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3, "batch_norm": batch_norm},
+                     biw.ModelParams, "model")
     keras = import_keras("tensorflow", device="cpu")
     assert biw.build_model(keras, model).count_params() == biw.count_weights(model)
 
@@ -47,7 +49,8 @@ def shrinking(kernel, pool):
         "c1": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 28 -> 24 -> 12
         "c2": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 12 -> 8 -> 4
         "c3": {"filters": 4, "kernel_size": kernel, "activation": "relu", "pool_size": pool}},
-        "dense_layers": {}, "output_activation": "softmax", "l2": {"conv": 0.0, "dense": 0.0}, "dropout": 0.0}
+        "dense_layers": {}, "output_activation": "softmax", "l2": {"conv": 0.0, "dense": 0.0}, "dropout": 0.0,
+        "batch_norm": False}
 
 
 @pytest.mark.parametrize("kernel, pool, key", [(5, None, "c3.kernel_size"), (3, 3, "c3.pool_size")])
@@ -129,3 +132,30 @@ def test_initial_weights_are_the_same_bytes_on_another_backend(tmp_path):
                        cwd=ROOT, check=True, capture_output=True)
         files[backend] = (tmp_path / backend / "initial.weights.h5").read_bytes()
     assert files["tensorflow"] == files["torch"]
+
+
+def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_path):
+    """Conv and hidden dense layers lose their bias and activation to a BatchNormalization and an
+    Activation after it; the output layer is as before; the normalization starts with scale 1, shift 0,
+    mean 0, variance 1, and the kernels are the very ones of the same model without it."""
+    keras = import_keras("tensorflow", device="cpu")
+    params = tiny_params(**{"model.batch_norm": True})
+    biw.main(["--out", str(tmp_path / "bn"), "--metrics", str(tmp_path / "m.json"), "--details",
+              str(tmp_path / "d.json"), "--params", str(write_params(tmp_path / "bn.yaml", params))])
+    model = keras.models.model_from_json((tmp_path / "bn" / "model.json").read_text())
+    model.load_weights(tmp_path / "bn" / "initial.weights.h5")
+    names = [layer.name for layer in model.layers]
+    assert names == ["conv1", "conv1_bn", "conv1_act", "conv1_pool", "conv2", "conv2_bn", "conv2_act", "conv2_pool",
+                     "flatten", "dense1", "dense1_bn", "dense1_act", "output"]
+    assert not model.get_layer("conv1").use_bias and model.get_layer("output").use_bias
+    assert model.get_layer("conv1").activation.__name__ == "linear"
+    bn = model.get_layer("dense1_bn")
+    assert [float(np.unique(w.numpy())[0]) for w in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)] == [
+        1.0, 0.0, 0.0, 1.0]
+    plain = tmp_path / "plain.yaml"
+    biw.main(["--out", str(tmp_path / "plain"), "--metrics", str(tmp_path / "m.json"), "--details",
+              str(tmp_path / "d.json"), "--params", str(write_params(plain, tiny_params()))])
+    seed = keras.models.model_from_json((tmp_path / "plain" / "model.json").read_text())
+    seed.load_weights(tmp_path / "plain" / "initial.weights.h5")
+    assert np.array_equal(seed.get_layer("conv2").kernel.numpy(), model.get_layer("conv2").kernel.numpy())
+    assert "batchnorm" in biw.describe(validate(params["model"], biw.ModelParams, "model"))

@@ -80,6 +80,7 @@ def test_second_repro_runs_nothing(project):
 @pytest.mark.parametrize("key, value, must_run, may_run", [
     ("train.epochs", 2, {"train@cpu", "evaluate@cpu", "report"}, set()),
     ("train.learning_rate", 0.002, {"train@cpu", "evaluate@cpu", "report"}, set()),
+    ("train.augment.rotation", 5.0, {"train@cpu", "evaluate@cpu", "report"}, set()),
     ("model.dense_layers.dense1.units", 12, {"build_init_weights", "train@cpu", "evaluate@cpu", "report"}, set()),
     ("preprocess.procedure", "pooled_resplit", ALL_CPU_STAGES - {"fetch", "build_init_weights"}, set()),
     ("evaluate.batch_size", 64, {"evaluate@cpu"}, {"report"}),

@@ -84,3 +84,17 @@ def test_missing_raw_data_says_what_to_run(tmp_path):
     with pytest.raises(UserError, match="manifest.json not found: run `dvc repro fetch` first"):
         preprocess.main(["--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--params", str(p)])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_global_scaler_is_one_mean_and_deviation_for_all_pixels(sample_raw):
+    """The same record and table as per pixel (the classifier's lookup gives x_train exactly), one value each."""
+    from stages.classifier import lookup, standardize_table
+
+    arrays, record = preprocess.preprocess(sample_raw, "published_split", seed=0, kind="global")
+    pixels = arrays["pixels_train"].astype(np.float64)
+    assert record["scaler"] == "global" and len(record["mean"]) == 784 and len(set(record["mean"])) == 1
+    assert np.isclose(record["mean"][0], pixels.mean()) and np.isclose(record["scale"][0], pixels.std())
+    table = standardize_table(record)
+    assert np.array_equal(lookup(table, arrays["pixels_train"][:500]), arrays["x_train"][:500].reshape(500, -1))
+    per_pixel, _ = preprocess.preprocess(sample_raw, "published_split", seed=0)
+    assert not np.allclose(per_pixel["x_train"], arrays["x_train"])

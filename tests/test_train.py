@@ -238,3 +238,35 @@ def test_placement_names_the_device():
     assert devices.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
     assert devices.on_gpu("cuda:0") and devices.on_gpu("cuda:0")
     assert not devices.on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not devices.on_gpu("TFRT_CPU_0")
+
+
+AUGMENT = {"train.augment": {"rotation": 15.0, "shift": 0.1, "zoom": 0.1}}
+
+
+def test_augmentation_moves_training_images_only_and_is_not_saved(prepared, tmp_path):
+    keras = import_keras("tensorflow", device="cpu")
+    pixels = np.load(prepared / "data" / "pixels_train.npy")[:64]
+    table = classifier.standardize_table(json.loads((prepared / "data" / "scaler.json").read_text()))
+    network = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
+    fitted = classifier.classifier(keras, network, table)
+    augment = validate(tiny_params(**AUGMENT)["train"], train.TrainParams, "train").augment
+    model = train.augmented(keras, fitted, augment, seed=0)
+    moved = keras.ops.convert_to_numpy(model.get_layer("augment")(pixels[..., None].astype("float32")[..., 0],
+                                                                  training=True))
+    assert moved.shape == pixels.shape and 0 <= moved.min() and moved.max() <= 255  # the table's range
+    assert np.abs(moved - pixels).mean() > 5  # moved, and the new border is black paper
+    same = keras.ops.convert_to_numpy(model(pixels, training=False))
+    assert np.array_equal(same, keras.ops.convert_to_numpy(fitted(pixels, training=False)))  # inference: as is
+    assert train.augmented(keras, fitted, augment.model_copy(update={"rotation": 0.0, "shift": 0.0, "zoom": 0.0}),
+                           seed=0) is fitted
+
+
+def test_training_with_augmentation_is_reproducible_and_differs_from_without(prepared, tmp_path):
+    out, first = run_train(prepared, tmp_path / "a", **AUGMENT)
+    _, again = run_train(prepared, tmp_path / "b", **AUGMENT)
+    _, plain = run_train(prepared, tmp_path / "plain")
+    assert first["final_loss"] == again["final_loss"] != plain["final_loss"]
+    keras = import_keras("tensorflow", device="cpu")
+    saved = keras.models.load_model(out / "classifier.keras")
+    assert "augment" not in [layer.name for layer in saved.layers]
+    assert json.loads((out / "params.json").read_text())["train"]["augment"]["rotation"] == 15.0
