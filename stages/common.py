@@ -328,6 +328,14 @@ def check_files(folder, names):
     return {name: record["files"][name]["md5"] for name in names}
 
 
+def import_onnxruntime():
+    """ONNX Runtime, its telemetry off: otherwise importing it writes a device id under ~/.cache/Microsoft."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 # --- Keras --------------------------------------------------------------------
 
 def import_keras(backend, device=None):

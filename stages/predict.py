@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (MANIFEST, UserError, atomic_path, check_files, import_keras, read_json, run,
-                           to_json)
+from stages.common import (MANIFEST, UserError, atomic_path, check_files, import_keras, import_onnxruntime,
+                           read_json, run, to_json)
 
 SIDE, BOX = 28, 20  # MNIST: digits fitted into 20x20, centred by mass in 28x28
 # Limits on what one file may cost: the README lists them. A photo from a phone (12-48 megapixels)
@@ -290,8 +290,7 @@ class Runtime:
         self.onnx = "classifier.onnx" in read_json(folder / MANIFEST).get("files", {})
         check_files(folder, names + ["classifier.onnx"] * self.onnx)
         if self.onnx:
-            import onnxruntime
-
+            onnxruntime = import_onnxruntime()
             self.session = onnxruntime.InferenceSession(str(folder / "classifier.onnx"),
                                                         providers=["CPUExecutionProvider"])
             self.name = f"onnxruntime {onnxruntime.__version__}"

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import io
+import os
 from pathlib import Path
 
 
@@ -79,7 +80,8 @@ async def serve(app, host, port):
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+            reason = os.strerror(err.errno).lower() if err.errno else str(err)
+            raise UserError(f"cannot listen on {host}:{port} ({reason}); "
                             f"try another --port (0: any free one)") from None
         bound_host, bound_port = runner.addresses[0][:2]
         print(f"serving on http://{bound_host}:{bound_port}/ (Ctrl-C to stop)", flush=True)
@@ -108,6 +110,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>MNIST CNN: draw a digit</title>
+<link rel="icon" href="data:,">
 <style>
   body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
   main { display: flex; flex-wrap: wrap; gap: 2rem; align-items: flex-start; }

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from stages.classifier import check_pixels, classifier, standardize_table
-from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras,
+from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras, import_onnxruntime,
                            check_files, load_params, read_json, run, to_json,
                            write_json, write_manifest)
 from stages.devices import cpu_model, device_env, on_gpu, placement, set_up_device
@@ -284,9 +284,7 @@ def export_onnx(keras, classifier, path, pixels):
             raise UserError(f"cannot export classifier.onnx ({err}); install the pins: "
                             f"`pip install -r requirements.txt`") from None
         return f"Keras's ONNX export on {keras.backend.backend()} needs {err.name or err}"
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = import_onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: pixels})[0]
     worst = float(np.abs(got - expected).max())
     if not worst <= ONNX_TOLERANCE:

@@ -261,3 +261,8 @@ def test_a_missing_onnx_file_is_an_error_not_a_silent_fallback(trained, tmp_path
     (copy / "classifier.onnx").unlink()
     with pytest.raises(UserError, match=r"classifier.onnx not found: run `dvc repro`"):
         predict.Runtime(copy)
+
+
+def test_explain_into_a_missing_folder_is_one_line(trained, tmp_path):
+    with pytest.raises(UserError, match=r"^--explain .*views: no such folder; create it, or give --explain alone"):
+        predict.main([str(tmp_path / "any.png"), "--model", str(trained[0]), "--explain", str(tmp_path / "views")])

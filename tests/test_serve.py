@@ -15,13 +15,16 @@ from tests.test_pipeline import CHROMIUM, needs_chromium
 @pytest.fixture
 def server(trained, tmp_path):
     """`python -m stages.serve --port 0` in an empty folder; (its URL, the folder); stopped whatever happens."""
+    folder, home = tmp_path / "cwd", tmp_path / "home"
+    folder.mkdir()
+    home.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(trained[0]), "--port", "0"],
-                            cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                            cwd=folder, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving on http://127.0.0.1:"), line + proc.stderr.read()
-        yield line.split()[2], tmp_path
+        yield line.split()[2], folder
     finally:
         proc.terminate()
         try:
@@ -62,6 +65,7 @@ def test_the_server_answers_images_and_refuses_bad_uploads_in_one_line(server, t
     Image.new("L", (200, 200), 255).save(white, format="PNG")
     assert post(url, white.getvalue()) == (400, {"error": "no digit found (the image is blank)"})
     assert list(folder.iterdir()) == []  # uploads are never written
+    assert list((folder.parent / "home").rglob("*")) == []  # nor anything else: ONNX Runtime's telemetry is off
 
 
 def draw(page, strokes):
@@ -109,3 +113,17 @@ def test_drawing_a_digit_with_the_mouse_shows_its_prediction_and_a_bad_upload_an
         finally:
             browser.close()
     assert [p for p in problems if "400" not in p] == []  # the refused upload's 400 is the only console line
+
+
+def test_a_port_in_use_is_one_line(trained, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(trained[0]), "--port", str(port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (address already in use); "
+                                               f"try another --port (0: any free one)"]

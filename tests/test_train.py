@@ -270,3 +270,11 @@ def test_training_with_augmentation_is_reproducible_and_differs_from_without(pre
     saved = keras.models.load_model(out / "classifier.keras")
     assert "augment" not in [layer.name for layer in saved.layers]
     assert json.loads((out / "params.json").read_text())["train"]["augment"]["rotation"] == 15.0
+
+
+def test_an_onnx_export_that_disagrees_with_keras_fails_and_writes_nothing(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ONNX_TOLERANCE", -1.0)  # no difference can pass: as if the export were wrong
+    with pytest.raises(UserError, match=r"^classifier.onnx gives probabilities up to .* away from Keras's "
+                                        r"\(allowed -1.0\); nothing was written"):
+        run_train(prepared, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
