@@ -227,15 +227,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", help="a train output folder (repeatable); "
                         "default models/cpu")
+    parser.add_argument("--label", action="append", help="a column title per --model, in order (default: the folder)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/real_digits.json")
     parser.add_argument("--examples", type=Path, help="write a few example photos here")
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit in the generated groups")
     args = parser.parse_args(argv)
     models = args.model or [ROOT / "models/cpu"]
+    labels_given = args.label or [str(m) for m in models]
+    if len(labels_given) != len(models):
+        raise SystemExit("give one --label per --model, or none")
     if MISSING_FONTS:
         raise SystemExit(f"fonts missing: {', '.join(MISSING_FONTS)}; install them: apt-get install {FONT_PACKAGES}")
 
     from stages import predict
+    from stages.devices import cpu_model
 
     start = time.perf_counter()
     files = groups(per_digit=args.per_digit)
@@ -252,15 +257,15 @@ def main(argv=None):
     print(f"{sum(map(len, files.values())):,} images made and prepared in {time.perf_counter() - start:.0f} s "
           f"(MNIST from {source})")
 
-    results = {"mnist_source": source, "models": {}}
-    for folder in models:
+    results = {"mnist_source": source, "cpu": cpu_model(), "models": {}}
+    for folder, label in zip(models, labels_given, strict=True):
         runtime = predict.Runtime(folder)
         row = {}
         for group, (pixels, none) in inputs.items():
             answers = runtime.predict(pixels).argmax(axis=1)
             row[group] = {"images": len(pixels), "correct": int((answers == labels[group]).sum()),
                           "no_digit": none, "accuracy": round(float((answers == labels[group]).mean()), 4)}
-        results["models"][str(folder)] = row
+        results["models"][label] = dict(row, folder=str(folder), runtime=runtime.name)
     write_table(results)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -271,8 +276,8 @@ def write_table(results):
     print("| group | images | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))
     first = results["models"][names[0]]
-    for group in first:
-        cells = [f"{results['models'][n][group]['accuracy']:.1%}" for n in names]
+    for group in [g for g in first if isinstance(first[g], dict)]:
+        cells = [f"{results['models'][n][group]['accuracy']:.2%}" for n in names]
         print(f"| {group} | {first[group]['images']:,} | " + " | ".join(cells) + " |")
 
 
