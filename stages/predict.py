@@ -72,11 +72,27 @@ def reduce(gray, side):
     return np.asarray(Image.fromarray(gray.astype(np.float32)).resize(size, Image.BOX), dtype=np.float64)
 
 
-def ink_is_dark(gray):
-    """Whether the ink is darker than the paper: the paper holds the border; the ink is the far tail from it."""
-    border = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-    low, high = np.percentile(gray, [0.5, 99.5])
-    return border - low >= high - border
+def ink_is_dark(gray, rounds=6):
+    """Whether the ink is darker than the paper: the far tail from the paper, its lighting taken out.
+
+    The lighting is a quadratic surface fitted by least squares to the
+    border (the paper holds it), then to the pixels near the fit (within 2.5
+    robust deviations, both sides: which side the ink is on is the
+    question), so that a gradient across the page weighs nothing; the ink is
+    the side whose residuals reach further.
+    """
+    small = reduce(gray, 64)
+    terms, values = quadratic_terms(small.shape).reshape(-1, 6), small.ravel()
+    ring = max(2, min(small.shape) // 10)
+    keep = np.ones(small.shape, bool)
+    keep[ring:-ring, ring:-ring] = False
+    keep = keep.ravel()
+    for _ in range(rounds):
+        residual = values - terms @ np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
+        keep = np.abs(residual) <= 2.5 * spread + 1.0
+    low, high = np.percentile(residual, [1, 99])
+    return -low >= high
 
 
 def quadratic_terms(shape):

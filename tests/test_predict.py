@@ -188,6 +188,18 @@ def test_light_and_specks_and_polarity_do_not_change_the_view():
         assert correlation(predict.to_mnist(variant), clean) > 0.97
 
 
+@needs_fonts
+def test_faint_bold_ink_under_a_gradient_as_strong_is_read_as_dark_ink():
+    """One of bench/real_digits.py's photos (tests/images/): grey ink on grey paper, the light across the page
+    as strong as the ink. Judged from the raw pixels, its ink looked light and no digit was found."""
+    from bench import real_digits
+
+    gray = predict.read_image(ROOT / "tests" / "images" / "faint_bold_4.jpg").astype(np.float64)
+    assert predict.ink_is_dark(gray) and not predict.ink_is_dark(255 - gray)
+    clean = predict.to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans Bold")))
+    assert correlation(predict.to_mnist(gray), clean) > 0.6  # rotated by the photo: not the clean view exactly
+
+
 def test_noise_and_light_without_ink_are_no_digit():
     rng = np.random.default_rng(0)
     ys, xs = np.indices((300, 400)) / 400
