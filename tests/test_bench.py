@@ -4,6 +4,7 @@ import importlib.util
 import re
 import shlex
 
+import pytest
 import yaml
 
 from stages.common import validate
@@ -18,8 +19,12 @@ def load_speed():
     return module
 
 
+def preset(name):
+    return yaml.safe_load((ROOT / f"params-{name}.yaml").read_text())
+
+
 def fast_preset():
-    return yaml.safe_load((ROOT / "params-fast.yaml").read_text())
+    return preset("fast")
 
 
 def test_the_fast_preset_is_valid_params(tmp_path):
@@ -31,12 +36,14 @@ def test_the_fast_preset_is_valid_params(tmp_path):
     assert train.optimizer == "adam" and train.lr_schedule == "cosine"
 
 
-def test_the_readmes_fast_preset_command_is_the_preset():
+@pytest.mark.parametrize("name", ["fast", "accurate"])
+def test_the_readmes_preset_command_is_the_preset(name):
     line = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                if line.strip().startswith("dvc exp run -n fast"))
+                if line.strip().startswith(f"dvc exp run -n {name} "))
     words = shlex.split(line.strip())
     pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]
-    assert {k: yaml.safe_load(v) for k, v in pairs} == fast_preset()
+    assert {k: yaml.safe_load(v) for k, v in pairs} == preset(name)
+    assert f"#   {line.strip()}" in (ROOT / f"params-{name}.yaml").read_text()  # the file's own comment says it too
 
 
 def test_the_table_says_which_targets_hold():
@@ -69,9 +76,6 @@ def test_the_table_says_which_targets_hold():
     assert cells["fast preset floor at bf16 peak (s)"] == ["4.7", "410 GFLOP/s"]  # 16e6 x 60,000 x 2 / 410e9
 
 
-def accurate_preset():
-    return yaml.safe_load((ROOT / "params-accurate.yaml").read_text())
-
 
 def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
     from stages.build_init_weights import ModelParams, count_weights
@@ -80,17 +84,10 @@ def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp
     speed = load_speed()
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    speed.set_params(params, accurate_preset())
+    speed.set_params(params, preset("accurate"))
     loaded = yaml.safe_load(params.read_text())
     train = validate(loaded["train"], TrainParams, "train")
     model = validate(loaded["model"], ModelParams, "model")
     assert train.augment.rotation > 0 and model.batch_norm and count_weights(model) == 242_602
     assert validate(loaded["preprocess"], PreprocessParams, "preprocess").scaler == "global"  # see train's warning
 
-
-def test_the_readmes_accurate_preset_command_is_the_preset():
-    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                if line.strip().startswith("dvc exp run -n accurate"))
-    words = shlex.split(line.strip())
-    pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]
-    assert {k: yaml.safe_load(v) for k, v in pairs} == accurate_preset()
