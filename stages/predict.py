@@ -38,6 +38,7 @@ MAX_IMAGES = 100_000  # per .npz file (MNIST's whole test set is 10,000)
 WORK_SIDE = 1024      # larger images are first reduced to this long side: a digit needs no more
 PREP_SIDE = 400       # the photo preparation works at this long side (a digit ends at 20 px)
 MIN_CONTRAST = 32     # grey levels between paper and ink, below which there is no digit to read
+MNIST_BORDER = 10     # a 28x28 image whose border is within this of black (or white) is in MNIST's form
 STROKE = 2.4          # MNIST's mean stroke width, in pixels of the 28x28 image
 
 
@@ -48,17 +49,30 @@ class NoDigit(UserError):
 def to_mnist(gray):
     """A 2-D grayscale array (0..255, any size) -> 28x28 float 0..255, white digit on black as in MNIST.
 
-    A 28x28 image is taken to be in MNIST's form already (inverted when its
-    border is light); anything else is a photo or scan and goes through
-    prepare(). Raises NoDigit when there is no ink to read.
+    A 28x28 image on black paper (or white: inverted) is taken to be in
+    MNIST's form already; anything else is a photo or scan and goes through
+    digit_ink() and fit_box(). A small digit in a large picture is found on
+    the reduced picture, then read again at full size around where it is.
+    Raises NoDigit when there is no ink to read.
     """
     gray = np.asarray(gray, dtype=np.float64)
     if gray.size == 0 or np.ptp(gray) < MIN_CONTRAST:
         raise NoDigit("no digit found (the image is blank)")
     if gray.shape == (SIDE, SIDE):
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-        return 255.0 - gray if np.median(border) > 127 else gray
-    return fit_box(digit_ink(gray))
+        mnist = 255.0 - gray if np.median(border) > 127 else gray
+        if np.median(np.minimum(border, 255.0 - border)) <= MNIST_BORDER:  # black (or white) paper: MNIST's form
+            return mnist
+    crop, box, scale = digit_ink(gray)
+    if scale < 1 and max(box[1] - box[0], box[3] - box[2]) < PREP_SIDE / 4:
+        # a small digit in a large picture, found at PREP_SIDE: read it again at full size, around where it is
+        top, bottom, left, right = (round(v / scale) for v in box)
+        pad = max(bottom - top, right - left) // 2
+        try:
+            crop = digit_ink(gray[max(0, top - pad):bottom + pad, max(0, left - pad):right + pad])[0]
+        except NoDigit:
+            pass  # what the whole picture showed stands
+    return fit_box(crop)
 
 
 def reduce(gray, side):
@@ -79,7 +93,8 @@ def ink_is_dark(gray, rounds=6):
     border (the paper holds it), then to the pixels near the fit (within 2.5
     robust deviations, both sides: which side the ink is on is the
     question), so that a gradient across the page weighs nothing; the ink is
-    the side whose residuals reach further.
+    the side with more mass beyond the noise (a digit may cover 0.1 % of a
+    page: no percentile would reach it).
     """
     small = reduce(gray, 64)
     terms, values = quadratic_terms(small.shape).reshape(-1, 6), small.ravel()
@@ -90,9 +105,12 @@ def ink_is_dark(gray, rounds=6):
     for _ in range(rounds):
         residual = values - terms @ np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
         spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
-        keep = np.abs(residual) <= 2.5 * spread + 1.0
-    low, high = np.percentile(residual, [1, 99])
-    return -low >= high
+        near = np.abs(residual) <= 2.5 * spread + 1.0
+        if near.sum() < 2 * terms.shape[1]:
+            break  # too few pixels near the fit to fit again: this fit stands
+        keep = near
+    beyond = 3 * spread + 1.0  # noise reaches this far either way; ink, on its side, much further
+    return np.maximum(0, -residual - beyond).sum() >= np.maximum(0, residual - beyond).sum()
 
 
 def quadratic_terms(shape):
@@ -123,7 +141,8 @@ def paper(page, rounds=6):
 
 
 def digit_ink(gray):
-    """A photo or scan -> the digit's ink, 0 (paper) to 255 (the stroke's core), cropped to the digit.
+    """A photo or scan -> (the digit's ink, 0 (paper) to 255 (the stroke's core), cropped to the digit;
+    its box (top, bottom, left, right) in the picture reduced to PREP_SIDE; that reduction's scale).
 
     Dark ink on light paper or light on dark (chalk on a board); the paper's
     lighting is removed (paper()); a light blur takes the camera's noise; the
@@ -135,6 +154,7 @@ def digit_ink(gray):
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
+    scale = min(1.0, PREP_SIDE / max(gray.shape))
     gray = reduce(gray, PREP_SIDE)
     page = gray if ink_is_dark(gray) else 255.0 - gray
     surface = np.maximum(paper(page), 1.0)
@@ -163,7 +183,7 @@ def digit_ink(gray):
     level = np.percentile(ink[np.isin(pieces, index[keep])], 90)
     ink = np.where(digit, np.clip(ink / level, 0, 1) * 255.0, 0.0)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), scale
 
 
 def fit_box(crop):
@@ -204,7 +224,7 @@ def flatten_alpha(img):
 
 def read_image(source, name=None):
     """One image (a path or a binary file object) -> 2-D grayscale uint8, its size checked before it is decoded."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     name = source if name is None else name
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard warns, then raises, past it: ours below is one line
@@ -217,7 +237,17 @@ def read_image(source, name=None):
         if max(img.size) > WORK_SIDE:
             img = img.copy()
             img.thumbnail((WORK_SIDE, WORK_SIDE))
+        img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways, with a tag to turn it
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+            return to_8_bits(np.asarray(img, dtype=np.float64))
         return flatten_alpha(img)
+
+
+def to_8_bits(values):
+    """16-bit or 32-bit grey levels (PNG, TIFF) -> uint8 0..255: 0..65535 scaled, 0..1 floats stretched."""
+    top = values.max(initial=0.0)
+    scale = 255.0 / 65535.0 if top > 255 else 255.0 if top <= 1.0 else 1.0
+    return np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
 
 
 def read_stack(path, key, arr):
@@ -332,6 +362,8 @@ def write_view(image, path):
     """The 28x28 image the network saw, as an 8-bit PNG (predict reads it back to the same answer)."""
     from PIL import Image
 
+    if path.is_dir():  # never replaced: atomic_path would put the folder aside and delete it
+        raise UserError(f"--explain: {path} is a folder; move it, or give --explain FOLDER")
     try:
         with atomic_path(path) as tmp:
             Image.fromarray(to_pixels(image[None])[0]).save(tmp, format="PNG")
@@ -339,6 +371,21 @@ def write_view(image, path):
         raise UserError(f"--explain: cannot write {path} ({err.strerror or err}); "
                         f"give a folder you can write to: --explain FOLDER") from None
     return path
+
+
+def view_paths(per_file, explain):
+    """{(file, item name): where its --explain view goes}; a UserError if two inputs would write one view."""
+    paths, seen = {}, {}
+    for path, _, items in per_file:
+        for name, image, _, view in items:
+            if image is None:
+                continue
+            target = (Path(path).parent if explain is True else Path(explain)) / view
+            if target in seen:
+                raise UserError(f"--explain: {seen[target]} and {name} would both write {target}; "
+                                f"rename one, or explain them in two calls")
+            paths[(str(path), name)], seen[target] = target, name
+    return paths
 
 
 def main(argv=None):
@@ -365,6 +412,7 @@ def main(argv=None):
         except Exception as err:  # noqa: BLE001  (a file of any kind must not take the others' answers)
             per_file.append((path, f"{path}: cannot be read ({type(err).__name__}: "
                                    f"{' '.join(str(err).split())[:200]})", []))
+    views = view_paths(per_file, args.explain) if args.explain else {}
     inputs = [image for _, _, items in per_file for _, image, _, _ in items if image is not None]
     probs = iter([])
     if inputs:
@@ -373,7 +421,7 @@ def main(argv=None):
     for path, error, items in per_file:
         if error:
             results.append({"file": str(path), "error": error})
-        for name, image, no_digit, view in items:
+        for name, image, no_digit, _ in items:
             if image is None:
                 results.append({"file": name, "error": f"{name}: {no_digit}"})
                 continue
@@ -381,9 +429,11 @@ def main(argv=None):
             results.append({"file": name, "digit": int(p.argmax()), "probability": round(float(p.max()), 6),
                             "probabilities": [round(float(v), 6) for v in p]})
             if args.explain:
-                folder = Path(path).parent if args.explain is True else Path(args.explain)
-                results[-1]["seen"] = str(write_view(image, folder / view))
-    failed = [r for r in results if "error" in r]
+                try:
+                    results[-1]["seen"] = str(write_view(image, views[(str(path), name)]))
+                except UserError as err:  # the answer stands; the view's failure is this file's error
+                    results[-1]["explain_error"] = str(err)
+    failed = [r for r in results if "error" in r or "explain_error" in r]
     if args.json:
         print(to_json(results, indent=2))
     else:
@@ -393,6 +443,8 @@ def main(argv=None):
             else:
                 seen = f"  (saw {r['seen']})" if "seen" in r else ""
                 print(f"{r['file']}: {r['digit']} ({r['probability']:.1%}){seen}", flush=True)
+                if "explain_error" in r:
+                    print(f"error: {r['explain_error']}", file=sys.stderr, flush=True)
     if failed:
         sys.exit(1)
 

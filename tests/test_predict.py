@@ -278,3 +278,73 @@ def test_a_missing_onnx_file_is_an_error_not_a_silent_fallback(trained, tmp_path
 def test_explain_into_a_missing_folder_is_one_line(trained, tmp_path):
     with pytest.raises(UserError, match=r"^--explain .*views: no such folder; create it, or give --explain alone"):
         predict.main([str(tmp_path / "any.png"), "--model", str(trained[0]), "--explain", str(tmp_path / "views")])
+
+
+# --- what a fresh-eyes review found, each a class of picture --------------------------------------------
+
+@needs_fonts
+def test_a_phones_sideways_photo_is_turned_by_its_exif_tag(tmp_path):
+    from bench import real_digits
+
+    page = real_digits.on_white(real_digits.font_digit(7, "DejaVu Sans"))
+    upright, sideways = tmp_path / "upright.jpg", tmp_path / "sideways.jpg"
+    Image.fromarray(page).save(upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90° clockwise to show it: the pixels are stored turned the other way
+    Image.fromarray(np.rot90(page)).save(sideways, exif=exif)
+    assert correlation(predict.to_mnist(predict.read_image(sideways)), predict.to_mnist(predict.read_image(upright))) \
+        > 0.95
+
+
+@needs_fonts
+def test_16_bit_pngs_and_float_images_keep_their_digit(tmp_path):
+    from bench import real_digits
+
+    page = real_digits.on_white(real_digits.font_digit(3, "DejaVu Sans")).astype(np.float64)
+    clean = predict.to_mnist(page)
+    wide = tmp_path / "wide.png"
+    Image.fromarray((page * 257).astype(np.uint16)).save(wide)
+    floats = tmp_path / "floats.tif"
+    Image.fromarray((page / 255).astype(np.float32)).save(floats)
+    for path in (wide, floats):
+        assert correlation(predict.to_mnist(predict.read_image(path)), clean) > 0.97, path
+
+
+@needs_fonts
+def test_a_small_digit_in_a_large_photo_is_read_at_full_size():
+    """A digit 1/15 of a 1024-pixel page: found at PREP_SIDE (a blob there), then read again around it."""
+    from bench import real_digits
+
+    ink = real_digits.font_digit(4, "DejaVu Sans", size=80)
+    page = np.full((768, 1024), 230.0)
+    page[300:300 + ink.shape[0], 500:500 + ink.shape[1]] -= 200 * ink
+    clean = predict.to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans")))
+    assert correlation(predict.to_mnist(page), clean) > 0.9
+
+
+def test_a_28x28_image_that_is_not_on_black_paper_is_prepared_as_a_photo(sample_raw):
+    digit = sample_raw["x_test"][0].astype(np.float64)
+    grey = 95 + 40 * np.indices((28, 28))[1] / 28 - 0.35 * digit  # dark ink on grey paper, a gradient
+    out = predict.to_mnist(grey)
+    assert out[0].max() == 0 and out[:, 0].max() == 0  # paper is 0, as MNIST's
+    assert correlation(out, digit) > 0.8
+    assert np.array_equal(predict.to_mnist(digit), digit)  # MNIST's own: untouched
+
+
+def test_explain_never_overwrites_a_view_of_another_input_nor_a_folder(trained, tmp_path, capsys):
+    images = trained[1]
+    for name in ("d.png", "d.jpg", "e.png", "ok.png"):
+        Image.fromarray(255 - images[0]).resize((56, 56)).save(tmp_path / name)
+    with pytest.raises(UserError) as refused:  # before any view is written
+        run_predict(trained, [tmp_path / "d.png", tmp_path / "d.jpg"], capsys, "--explain")
+    assert str(refused.value) == (f"--explain: {tmp_path / 'd.png'} and {tmp_path / 'd.jpg'} would both write "
+                                  f"{tmp_path / 'd.28x28.png'}; rename one, or explain them in two calls")
+    assert not (tmp_path / "d.28x28.png").exists()
+    folder = tmp_path / "e.28x28.png"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    code, out, err = run_predict(trained, [tmp_path / "e.png", tmp_path / "ok.png"], capsys, "--explain")
+    assert code == 1 and (folder / "keep.txt").read_text() == "mine"  # the folder is left as it was
+    assert out.splitlines()[0].startswith(f"{tmp_path / 'e.png'}: ")  # its answer stands
+    assert out.splitlines()[1].endswith(f"(saw {tmp_path / 'ok.28x28.png'})")  # the others are explained
+    assert err.strip() == f"error: --explain: {folder} is a folder; move it, or give --explain FOLDER"
