@@ -39,7 +39,6 @@ WORK_SIDE = 1024      # larger images are first reduced to this long side: a dig
 PREP_SIDE = 400       # the photo preparation works at this long side (a digit ends at 20 px)
 MIN_CONTRAST = 32     # grey levels between paper and ink, below which there is no digit to read
 MNIST_BORDER = 10     # a 28x28 image whose border is within this of black (or white) is in MNIST's form
-STROKE = 2.4          # MNIST's mean stroke width, in pixels of the 28x28 image
 
 
 class NoDigit(UserError):
