@@ -13,9 +13,7 @@ import tempfile
 import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
@@ -33,15 +31,13 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-class Strict(BaseModel):
-    """A params section: unknown keys, loosely typed values and non-finite floats are refused."""
+def __getattr__(name):
+    """Strict and BaseParams live in stages/schema.py, imported (with pydantic) only when a stage asks."""
+    if name in ("Strict", "BaseParams"):
+        from stages import schema
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
-
-
-class BaseParams(Strict):
-    seed: typing.Annotated[int, Field(ge=0, lt=2**32)]  # NumPy's seeds are 32-bit
-    backend: Literal["tensorflow", "jax", "torch"]
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Interrupted(BaseException):
@@ -129,6 +125,8 @@ def read_yaml(path):
 
 def validate(section, schema, name, path=PARAMS_FILE):
     """Check one section; the first problem becomes a one-line UserError naming the key."""
+    from pydantic import ValidationError
+
     if section is None:
         raise UserError(f"{path}: section {name!r} is missing; see README.md for its keys")
     try:
@@ -153,6 +151,8 @@ def key_text(part):
 
 def _allowed_keys(schema, loc):
     """The field names of the schema found at `loc` (dict keys pass through)."""
+    from pydantic import BaseModel
+
     for part in loc:
         if isinstance(schema, type) and issubclass(schema, BaseModel) and part in schema.model_fields:
             schema = schema.model_fields[part].annotation
