@@ -96,20 +96,38 @@ def ink_is_dark(gray, rounds=6):
     page: no percentile would reach it).
     """
     small = reduce(gray, 64)
-    terms, values = quadratic_terms(small.shape).reshape(-1, 6), small.ravel()
     ring = max(2, min(small.shape) // 10)
-    keep = np.ones(small.shape, bool)
-    keep[ring:-ring, ring:-ring] = False
-    keep = keep.ravel()
-    for _ in range(rounds):
-        residual = values - terms @ np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
-        spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
-        near = np.abs(residual) <= 2.5 * spread + 1.0
-        if near.sum() < 2 * terms.shape[1]:
-            break  # too few pixels near the fit to fit again: this fit stands
-        keep = near
+    border = np.ones(small.shape, bool)
+    border[ring:-ring, ring:-ring] = False
+
+    def near(residual, keep):  # both sides: which side the ink is on is the question
+        return np.abs(residual) <= 2.5 * deviation(residual[keep]) + 1.0
+
+    _, residual, keep = fit_lighting(small, border, near, rounds)
+    spread = deviation(residual[keep])
     beyond = 3 * spread + 1.0  # noise reaches this far either way; ink, on its side, much further
     return np.maximum(0, -residual - beyond).sum() >= np.maximum(0, residual - beyond).sum()
+
+
+def deviation(values):
+    """A robust standard deviation: 1.4826 times the median absolute deviation."""
+    return 1.4826 * np.median(np.abs(values - np.median(values)))
+
+
+def fit_lighting(small, keep, next_keep, rounds):
+    """A quadratic surface fitted by least squares to `small`'s pixels `keep`, then refitted `rounds` times
+    to those `next_keep(residual, keep)` picks (while at least 12 remain).
+
+    Returns (coefficients, the last fit's residuals, the pixels it was fitted to), all flat.
+    """
+    terms, values, keep = quadratic_terms(small.shape).reshape(-1, 6), small.ravel(), keep.ravel()
+    for _ in range(rounds):
+        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        residual, fitted = values - terms @ coef, keep
+        keep = next_keep(residual, fitted)
+        if keep.sum() < 2 * terms.shape[1]:
+            break  # too few pixels to fit again: this fit stands
+    return coef, residual, fitted
 
 
 def quadratic_terms(shape):
@@ -128,14 +146,12 @@ def paper(page, rounds=6):
     Holds with ink on up to half the page (a bold digit filling the frame).
     """
     small = reduce(page, 64)
-    terms, values = quadratic_terms(small.shape).reshape(-1, 6), small.ravel()
-    keep = values >= np.median(values)
-    for _ in range(rounds):
-        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
-        residual = values - terms @ coef
+
+    def not_far_below(residual, keep):  # ink lies only below the paper: only that side is cut
         above = residual[keep & (residual > 0)]
-        spread = 1.4826 * np.median(above) if above.size else 0.0
-        keep = residual > -2.5 * spread - 1.0
+        return residual > -2.5 * (1.4826 * np.median(above) if above.size else 0.0) - 1.0
+
+    coef, _, _ = fit_lighting(small, small >= np.median(small), not_far_below, rounds)
     return quadratic_terms(page.shape) @ coef
 
 
@@ -177,9 +193,9 @@ def digit_ink(gray):
     keep = [i for i, b in enumerate(boxes)
             if mass[i] >= 0.03 * mass[main] and b[0].start < bottom + reach and b[0].stop > top - reach
             and b[1].start < right + reach and b[1].stop > left - reach]
-    digit = np.isin(pieces, index[keep])
-    digit = ndimage.binary_dilation(digit, iterations=max(1, round(2 * max(gray.shape) / PREP_SIDE)))
-    level = np.percentile(ink[np.isin(pieces, index[keep])], 90)
+    kept = np.isin(pieces, index[keep])
+    digit = ndimage.binary_dilation(kept, iterations=max(1, round(2 * max(gray.shape) / PREP_SIDE)))
+    level = np.percentile(ink[kept], 90)
     ink = np.where(digit, np.clip(ink / level, 0, 1) * 255.0, 0.0)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), scale
@@ -308,6 +324,11 @@ def read_inputs(path):
     return [(str(path), *to_mnist_or_none(gray), f"{path.stem}.28x28.png")]
 
 
+def unreadable(err):
+    """Any exception reading or preparing one picture, as one line that names it."""
+    return f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+
+
 def to_mnist_or_none(gray):
     """(image, None), or (None, the reason) for an image with no digit in it."""
     try:
@@ -409,8 +430,7 @@ def main(argv=None):
         except UserError as err:
             per_file.append((path, str(err), []))
         except Exception as err:  # noqa: BLE001  (a file of any kind must not take the others' answers)
-            per_file.append((path, f"{path}: cannot be read ({type(err).__name__}: "
-                                   f"{' '.join(str(err).split())[:200]})", []))
+            per_file.append((path, f"{path}: {unreadable(err)}", []))
     views = view_paths(per_file, args.explain) if args.explain else {}
     inputs = [image for _, _, items in per_file for _, image, _, _ in items if image is not None]
     probs = iter([])

@@ -40,7 +40,7 @@ def answer(runtime, data):
     except (UnidentifiedImageError, OSError, SyntaxError) as err:  # SyntaxError: PIL's word for a broken PNG
         return {"error": f"not an image PIL can read ({type(err).__name__}); upload a PNG or JPEG"}
     except Exception as err:  # noqa: BLE001  (one bad upload must not stop the page)
-        return {"error": f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"}
+        return {"error": predict.unreadable(err)}
     try:
         image, no_digit = predict.to_mnist_or_none(gray)
         if image is None:
@@ -48,7 +48,7 @@ def answer(runtime, data):
         pixels = predict.to_pixels(image[None])
         probabilities = runtime.predict(pixels)[0]
     except Exception as err:  # noqa: BLE001  (one bad picture must not stop the page)
-        return {"error": f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"}
+        return {"error": predict.unreadable(err)}
     png = io.BytesIO()
     Image.fromarray(pixels[0]).save(png, format="PNG")
     return {"digit": int(probabilities.argmax()), "probabilities": [round(float(p), 6) for p in probabilities],
