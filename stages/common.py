@@ -359,4 +359,35 @@ def import_keras(backend, device=None):
                         f"install it or set base.backend to tensorflow") from None
     if keras.backend.backend() != backend:
         raise UserError(f"Keras runs on {keras.backend.backend()!r}, not base.backend={backend!r}")
+    if backend == "tensorflow":
+        without_tf_data_autotune()
     return keras
+
+
+def without_tf_data_autotune():
+    """Make the tf.data pipelines Keras builds from arrays (fit, evaluate, predict) run without autotuning.
+
+    With autotuning on, each pipeline runs a tuning thread that sleeps for a
+    period doubling up to a minute, and Keras's end of epoch (which drops the
+    epoch's iterator) waits for it to wake: on 2 CPU cores the same epoch
+    took 23 s or 45 s by chance, the difference spent with every core idle.
+    Tuning buffer sizes changes no number: the same batches in the same order,
+    the same weights to the bit. Keras has no public switch for the options of
+    the datasets it builds, so this wraps its array adapter, once; the version
+    is pinned and tests/test_train.py checks that the wrapper is in force.
+    """
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters import array_data_adapter
+
+    adapter = array_data_adapter.ArrayDataAdapter
+    if getattr(adapter.get_tf_dataset, "without_autotune", False):
+        return
+    keras_own = adapter.get_tf_dataset
+
+    def get_tf_dataset(self):
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return keras_own(self).with_options(options)
+
+    get_tf_dataset.without_autotune, get_tf_dataset.keras_own = True, keras_own
+    adapter.get_tf_dataset = get_tf_dataset

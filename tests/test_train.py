@@ -97,6 +97,38 @@ def test_fitting_on_pixels_trains_exactly_as_fitting_on_the_standardized_images(
     assert all(np.array_equal(a, b) for a, b in zip(on_pixels, on_images, strict=True))
 
 
+def test_keras_array_pipelines_run_without_autotune_and_train_the_same(prepared, monkeypatch):
+    """import_keras turns tf.data autotuning off in the pipelines Keras builds from arrays (its tuning
+    thread held up the end of each epoch for seconds), and that changes no number: with a validation
+    split, the same weights and validation losses, bit for bit, as Keras's own pipelines give."""
+    keras = import_keras("tensorflow", device="cpu")
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    def autotuned():
+        return ArrayDataAdapter(np.zeros((10, 2)), batch_size=4, shuffle=True).get_tf_dataset().options().autotune.enabled
+
+    data = prepared / "data"
+    pixels, y = np.load(data / "pixels_train.npy"), keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
+    table = classifier.standardize_table(json.loads((data / "scaler.json").read_text()))
+
+    def fit_from_the_start():
+        keras.utils.set_random_seed(0)
+        model = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
+        model.load_weights(prepared / "init" / "initial.weights.h5")
+        net = classifier.classifier(keras, model, table)
+        net.compile(optimizer="rmsprop", loss="categorical_crossentropy")
+        history = net.fit(pixels, y, batch_size=128, epochs=2, shuffle=True, validation_split=0.2, verbose=0)
+        return model.get_weights(), history.history["val_loss"]
+
+    assert autotuned() is False
+    ours = fit_from_the_start()
+    monkeypatch.setattr(ArrayDataAdapter, "get_tf_dataset", ArrayDataAdapter.get_tf_dataset.keras_own)
+    assert autotuned() is not False
+    kerass = fit_from_the_start()
+    assert ours[1] == kerass[1]
+    assert all(np.array_equal(a, b) for a, b in zip(ours[0], kerass[0], strict=True))
+
+
 def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(prepared / "data", data)
