@@ -145,7 +145,7 @@ def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_pat
     model = keras.models.model_from_json((tmp_path / "bn" / "model.json").read_text())
     model.load_weights(tmp_path / "bn" / "initial.weights.h5")
     names = [layer.name for layer in model.layers]
-    assert names == ["conv1", "conv1_bn", "conv1_act", "conv1_pool", "conv2", "conv2_bn", "conv2_act", "conv2_pool",
+    assert names == ["conv1", "conv1_pool", "conv1_bn", "conv1_act", "conv2", "conv2_pool", "conv2_bn", "conv2_act",
                      "flatten", "dense1", "dense1_bn", "dense1_act", "output"]
     assert not model.get_layer("conv1").use_bias and model.get_layer("output").use_bias
     assert model.get_layer("conv1").activation.__name__ == "linear"
