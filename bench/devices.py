@@ -79,8 +79,9 @@ def epochwise(params_path, device, data, raw, out):
     """The train stage's fit, with the test set evaluated after each epoch (untimed); per-epoch rows to `out`."""
     from stages.classifier import classifier, standardize_table
     from stages.common import BaseParams, import_keras, load_params, read_json
-    from stages.devices import device_env, set_up_device
-    from stages.train import SPARSE_LOSSES, TrainParams, check_train, encode_labels, make_optimizer, with_precision
+    from stages.devices import cpu_features, device_env, set_up_device
+    from stages.train import (SPARSE_LOSSES, TrainParams, check_train, encode_labels, make_optimizer, resolve_precision,
+                              with_precision)
 
     params = load_params(params_path, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
@@ -92,7 +93,8 @@ def epochwise(params_path, device, data, raw, out):
     pixels, y = np.load(data / "pixels_train.npy"), np.load(data / "y_train.npy")
     x_test, y_test = np.load(raw / "x_test.npy"), np.load(raw / "y_test.npy")
     init = Path("models/init")
-    model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), train.precision))
+    precision = resolve_precision(train.precision, device, cpu_features())
+    model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
     model.load_weights(init / "initial.weights.h5")
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
     accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES

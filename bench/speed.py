@@ -35,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/speed.py`: make `stages` importable
-from stages.devices import cpu_model  # noqa: E402
+from stages.devices import cpu_features, cpu_model  # noqa: E402
 COPY = ["stages", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -105,7 +105,7 @@ def run_ours(work, params, tag, log):
     train = json.loads((out / "train.json").read_text())
     test = json.loads((out / "evaluate.json").read_text())["test"]
     return {"fit_time_s": train["fit_time_s"], "fit_cpu_s": train["fit_cpu_s"], "samples_per_s": train["samples_per_s"],
-            "test_accuracy": test["accuracy"], "peak_rss_mb": rss}
+            "test_accuracy": test["accuracy"], "peak_rss_mb": rss, "precision": train.get("precision")}
 
 
 def run_script(work, tag, log, script, *args):
@@ -253,7 +253,7 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
 
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "platform": platform.platform()},
         "repeats": repeats, "targets": TARGETS,
         "reference": median_of(reference), "ours": median_of(ours),
@@ -262,6 +262,9 @@ def main(argv=None):
         "fast_preset": fast, "pipeline": pipeline, "ceiling": top, "peaks": peaks,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    machine = result["machine"]
+    print(f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'}); "
+          f"fast preset in {fast['precision']}")
     print(table(result))
     print(f"wrote {args.out}")
 

@@ -90,6 +90,30 @@ def on_gpu(where):
     return "gpu" in where.lower() or "cuda" in where.lower()
 
 
+NOTABLE_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features(cpuinfo=None):
+    """The vector and matrix units this CPU has, of those that decide which kernels oneDNN runs.
+
+    From the flags line of /proc/cpuinfo (or the text given); [] where there is none.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [flag for flag in NOTABLE_CPU_FLAGS if flag in flags]
+    return []
+
+
+def has_bfloat16_units(features):
+    """AVX512-BF16 or AMX: bfloat16 arithmetic in hardware; elsewhere oneDNN emulates it, slower than float32."""
+    return "avx512_bf16" in features or "amx_bf16" in features
+
+
 def cpu_model():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

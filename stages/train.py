@@ -35,7 +35,8 @@ from stages.classifier import check_pixels, classifier, standardize_table
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras, import_onnxruntime,
                            check_files, load_params, read_json, run, to_json,
                            write_json, write_manifest)
-from stages.devices import cpu_model, device_env, on_gpu, placement, set_up_device
+from stages.devices import (cpu_features, cpu_model, device_env, has_bfloat16_units, on_gpu, placement,
+                            set_up_device)
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
 ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
@@ -71,7 +72,7 @@ class TrainParams(Strict):
     loss: Literal[SPARSE_LOSSES + ONE_HOT_LOSSES]
     shuffle: bool
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)]
-    precision: Literal["float32", "mixed_bfloat16"]
+    precision: Literal["float32", "mixed_bfloat16", "auto"]
     augment: AugmentParams
     cpu: CpuParams
     gpu: GpuParams
@@ -113,6 +114,18 @@ def check_split(n_images, validation_split):
 
 class Diverged(UserError):
     """The loss became NaN or infinite: the run is a failure, not a result."""
+
+
+def resolve_precision(precision, device, features):
+    """The precision a run computes in: train.precision, with `auto` decided by the hardware.
+
+    auto is mixed_bfloat16 on a GPU and on a CPU with bfloat16 units (AVX512-BF16
+    or AMX), float32 on other CPUs, where oneDNN emulates bfloat16 and a step
+    is many times slower than in float32. The run records what it resolved to.
+    """
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if device == "gpu" or has_bfloat16_units(features) else "float32"
 
 
 def with_precision(model_json, precision):
@@ -337,10 +350,11 @@ def progress_verbosity(stream):
     return 1 if stream.isatty() else 2
 
 
-def run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s, n_fit):
+def run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s, n_fit, precision):
     """Everything this run recorded, for the report: the device, versions, timings, final metrics."""
     details = {
         "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(), "precision": precision,
         "backend": base.backend, "backend_version": backend_version(base.backend),
         "keras_version": keras.__version__,
         "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
@@ -370,6 +384,7 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
+    precision = resolve_precision(train.precision, args.device, cpu_features())
 
     os.environ.update(device_env(base.backend, args.device, train.gpu))
     keras = import_keras(base.backend, device=args.device)
@@ -383,8 +398,7 @@ def main(argv=None):
         scaler = read_json(args.data / "scaler.json")
         table = standardize_table(scaler)
         check_pixels(pixels, np.load(args.data / "x_train.npy", mmap_mode="r"), table)
-        model = keras.models.model_from_json(with_precision((args.init / "model.json").read_text(),
-                                                            train.precision))
+        model = keras.models.model_from_json(with_precision((args.init / "model.json").read_text(), precision))
         model.load_weights(args.init / "initial.weights.h5")
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
@@ -393,7 +407,8 @@ def main(argv=None):
         print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "
               "is tiny: they will stand out by thousands; set preprocess.scaler=global", file=sys.stderr)
     print(f"train on {args.device} ({device_name}, {base.backend}): {len(pixels)} images, "
-          f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}")
+          f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}"
+          + (f", precision auto: {precision}" if train.precision == "auto" else ""))
 
     from dvclive import Live
 
@@ -411,7 +426,7 @@ def main(argv=None):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
                             f"refusing to record this run as {args.device}")
         details = run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s,
-                              fit_size(len(pixels), train.validation_split))
+                              fit_size(len(pixels), train.validation_split), precision)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             model.save(tmp / "model.keras")

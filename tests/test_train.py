@@ -266,6 +266,31 @@ def test_mixed_precision_changes_every_layer_but_input_and_output(prepared):
     assert model.get_layer("conv1").compute_dtype == "bfloat16" and model.get_layer("output").compute_dtype == "float32"
 
 
+@pytest.mark.parametrize("precision, device, features, expected", [
+    ("auto", "cpu", ["avx2", "fma"], "float32"),                                 # an EPYC without AVX-512
+    ("auto", "cpu", ["avx2", "avx512f", "avx512_bf16"], "mixed_bfloat16"),     # an EPYC with AVX512-BF16
+    ("auto", "cpu", ["avx512f", "amx_tile", "amx_bf16"], "mixed_bfloat16"),    # a Xeon with AMX
+    ("auto", "gpu", [], "mixed_bfloat16"),
+    ("float32", "cpu", ["amx_bf16"], "float32"),                                # asked for: kept
+    ("mixed_bfloat16", "cpu", [], "mixed_bfloat16"),
+])
+def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(precision, device, features, expected):
+    assert train.resolve_precision(precision, device, features) == expected
+
+
+def test_cpu_features_are_read_from_the_flags_line():
+    info = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n"
+    assert devices.cpu_features(info) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+    assert devices.cpu_features("model name\t: ?\n") == []
+
+
+def test_an_auto_precision_run_records_what_it_chose(prepared, tmp_path, capsys):
+    _, details = run_train(prepared, tmp_path, **{"train.precision": "auto"})
+    chosen = train.resolve_precision("auto", "cpu", devices.cpu_features())
+    assert details["precision"] == chosen and details["cpu_features"] == devices.cpu_features()
+    assert f"precision auto: {chosen}" in capsys.readouterr().out
+
+
 def test_placement_names_the_device():
     assert devices.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
     assert devices.on_gpu("cuda:0") and devices.on_gpu("cuda:0")
