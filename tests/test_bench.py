@@ -91,3 +91,35 @@ def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp
     assert train.augment.rotation > 0 and model.batch_norm and count_weights(model) == 242_602
     assert validate(loaded["preprocess"], PreprocessParams, "preprocess").scaler == "global"  # see train's warning
 
+
+
+def load_profile():
+    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_reads_ops_to_layers_and_flops():
+    """The trace's op names map to the layer and pass they belong to; only convolutions and matrix
+    products of known layers carry FLOPs; backward ops count the forward's FLOPs each."""
+    profile = load_profile()
+    layers = {"conv1", "conv1_pool", "conv2", "dense1", "output"}
+    assert profile.where("StatefulPartitionedCall/gradient_tape/mnist_classifier_1/mnist_cnn_1/conv2_1/"
+                         "convolution/Conv2DBackpropFilter", layers) == ("conv2", True)
+    assert profile.where("StatefulPartitionedCall/mnist_classifier_1/mnist_cnn_1/conv1_pool_1/MaxPool2d",
+                         layers) == ("conv1_pool", False)
+    assert profile.where("StatefulPartitionedCall/mnist_classifier_1/standardize_1/table_1/GatherV2",
+                         layers) == ("standardize (table lookup)", False)
+    flops = {"conv2": 100, "dense1": 7}
+    assert profile.op_flops("_FusedConv2D", "conv2", False, flops) == 100
+    assert profile.op_flops("_MklNativeConv2DBackpropFilterWithBias", "conv2", True, flops) == 100
+    assert profile.op_flops("MatMul", "dense1", True, flops) == 7
+    assert profile.op_flops("MaxPoolGrad", "conv2", True, flops) == 0
+    assert profile.op_flops("MatMul", "loss gradient", True, flops) == 0
+
+
+def test_the_profile_counts_overlapping_ops_once():
+    profile = load_profile()
+    assert profile.busy_union([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert profile.busy_union([]) == 0
