@@ -86,7 +86,7 @@ def epochwise(params_path, device, data, raw, out):
     params = load_params(params_path, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
-    os.environ.update(device_env(base.backend, device, train.gpu))
+    os.environ.update(device_env(base.backend, device, train.gpu, train.cpu))
     keras = import_keras(base.backend, device=device)
     set_up_device(base.backend, device, train.cpu, train.gpu)
     keras.utils.set_random_seed(base.seed)

@@ -5,7 +5,8 @@
 Run it in the project after `dvc repro` (it reads data/processed and
 models/init, as train@cpu does). It builds what train@cpu fits (the classifier,
 its optimizer, the same Keras `fit` on uint8 pixels), warms up, then traces
---steps steps with TensorFlow's profiler and reads the trace (an XSpace
+--steps steps untraced (the step's time), then the same steps with
+TensorFlow's profiler, and reads the trace (an XSpace
 protobuf): each op's time per step, grouped by layer and by forward or
 backward, against the FLOPs of the convolutions and matrix products (from the
 layers' shapes), the optimizer's update, the input pipeline, and what is left
@@ -119,7 +120,7 @@ def read_trace(logdir, layer_names, flops, steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="steps traced (after 20 of warm-up)")
+    parser.add_argument("--steps", type=int, default=64, help="steps traced (after 32 of warm-up and the same steps untraced)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "profile.json")
     parser.add_argument("--top", type=int, default=16, help="op rows printed")
@@ -134,7 +135,7 @@ def main(argv=None):
     base, train = params["base"], params["train"]
     if base.backend != "tensorflow":
         raise SystemExit("bench/profile.py reads TensorFlow's profiler: set base.backend to tensorflow")
-    os.environ.update(device_env(base.backend, "cpu", train.gpu))
+    os.environ.update(device_env(base.backend, "cpu", train.gpu, train.cpu))
     keras = import_keras(base.backend, device="cpu")
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
@@ -146,16 +147,20 @@ def main(argv=None):
     model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
     model.load_weights(init / "initial.weights.h5")
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
-    warm, n = 20, args.steps * train.batch_size
+    warm, n = 32, args.steps * train.batch_size
     pixels = np.load(data / "pixels_train.npy", mmap_mode="r")
-    if len(pixels) < (warm + 1) * train.batch_size + n:
+    if len(pixels) < warm * train.batch_size + n:
         raise SystemExit(f"{len(pixels)} training images: too few for {args.steps} steps of {train.batch_size}; "
                          "lower --steps")
     y = encode_labels(keras, np.load(data / "y_train.npy"), train.loss)
-    fitted.compile(optimizer=make_optimizer(keras, train, args.steps), loss=train.loss)
+    fitted.compile(optimizer=make_optimizer(keras, train, args.steps), loss=train.loss,
+                   steps_per_execution=train.steps_per_execution)
     fitted.fit(np.asarray(pixels[:warm * train.batch_size]), y[:warm * train.batch_size],
                batch_size=train.batch_size, epochs=1, verbose=0)
     x_traced, y_traced = np.asarray(pixels[-n:]), y[-n:]
+    start = time.perf_counter()  # the same steps untraced: the profiler's own cost is not the step's
+    fitted.fit(x_traced, y_traced, batch_size=train.batch_size, epochs=1, verbose=0, shuffle=train.shuffle)
+    untraced_ms = (time.perf_counter() - start) * 1e3 / args.steps
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         start = time.perf_counter()
@@ -170,6 +175,7 @@ def main(argv=None):
         "cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
         "onednn": bool(_pywrap_util_port.IsMklEnabled()), "tensorflow": tf.__version__,
         "precision": precision, "batch_size": train.batch_size, "steps": args.steps,
+        "steps_per_execution": train.steps_per_execution, "step_untraced_ms": round(untraced_ms, 3),
         "step_wall_ms": round(wall_ms, 3), "ops_busy_ms": round(busy_ms, 3), "ops_sum_ms": round(total_ms, 3),
         "input_pipeline_ms": round(pipeline_ms, 3), "no_op_running_ms": round(wall_ms - busy_ms, 3),
         "ops": rows,
@@ -177,7 +183,7 @@ def main(argv=None):
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['cpu']}, {result['cores']} cores ({', '.join(result['cpu_features'])}); TensorFlow "
           f"{result['tensorflow']}, oneDNN {'on' if result['onednn'] else 'off'}, {precision}, batch {train.batch_size}")
-    print(f"step: {wall_ms:.2f} ms wall; ops running {busy_ms:.2f} ms (op time summed over threads "
+    print(f"step: {untraced_ms:.2f} ms untraced, {wall_ms:.2f} ms traced; ops running {busy_ms:.2f} ms (op time summed over threads "
           f"{total_ms:.2f} ms); no op running {wall_ms - busy_ms:.2f} ms (dispatch); input pipeline "
           f"{pipeline_ms:.2f} ms on its own threads")
     print(f"| layer | pass | op | ms/step | share of op time | GFLOP/step | GFLOP/s |\n|---|---|---|---:|---:|---:|---:|")

@@ -11,9 +11,14 @@ from pathlib import Path
 from stages.common import UserError
 
 
-def device_env(backend, device, gpu):
+def device_env(backend, device, gpu, cpu=None):
     """Environment variables that must be set before the backend is imported."""
     env = {}
+    if backend == "tensorflow" and device == "cpu" and cpu is not None and cpu.onednn is not None:
+        # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI, -BF16 or
+        # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN 8 % faster than Eigen's
+        # (bench/profile.py: conv2's weight gradient 17 -> 39 GFLOP/s)
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1" if cpu.onednn else "0"
     if device == "gpu":
         # float32 means float32: since Ampere, cuBLAS and cuDNN run float32 products and
         # convolutions in TF32 (a 10-bit mantissa) where the framework allows it, and TensorFlow,
@@ -112,6 +117,14 @@ def cpu_features(cpuinfo=None):
 def has_bfloat16_units(features):
     """AVX512-BF16 or AMX: bfloat16 arithmetic in hardware; elsewhere oneDNN emulates it, slower than float32."""
     return "avx512_bf16" in features or "amx_bf16" in features
+
+
+def onednn_enabled(backend):
+    """Whether TensorFlow runs its oneDNN kernels in this process (None on other backends)."""
+    if backend != "tensorflow":
+        return None
+    from tensorflow.python.util import _pywrap_util_port
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def cpu_model():

@@ -35,8 +35,8 @@ from stages.classifier import check_pixels, classifier, standardize_table
 from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, import_keras, import_onnxruntime,
                            check_files, load_params, read_json, run, to_json,
                            write_json, write_manifest)
-from stages.devices import (cpu_features, cpu_model, device_env, has_bfloat16_units, on_gpu, placement,
-                            set_up_device)
+from stages.devices import (cpu_features, cpu_model, device_env, has_bfloat16_units, on_gpu, onednn_enabled,
+                            placement, set_up_device)
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
 ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
@@ -45,6 +45,7 @@ ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squar
 class CpuParams(Strict):
     intra_op_threads: Annotated[int, Field(ge=0, le=1024)]
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)]
+    onednn: bool | None  # TensorFlow's oneDNN kernels on or off; null: TensorFlow's choice for this CPU
 
 
 class GpuParams(Strict):
@@ -62,6 +63,7 @@ class TrainParams(Strict):
     devices: Annotated[list[Literal["cpu", "gpu"]], Field(min_length=1)]
     epochs: Annotated[int, Field(gt=0, le=10_000)]
     batch_size: Annotated[int, Field(gt=0, le=60_000)]
+    steps_per_execution: Annotated[int, Field(gt=0, le=10_000)]
     optimizer: Literal["rmsprop", "sgd", "adam"]
     learning_rate: PositiveFloat
     lr_schedule: Literal["constant", "exponential", "step", "cosine"]
@@ -274,7 +276,8 @@ def fit(keras, model, x, y, train, live):
     accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES
                 else keras.metrics.CategoricalAccuracy)(name="accuracy")
     steps_per_epoch = -(-fit_size(len(x), train.validation_split) // train.batch_size)
-    model.compile(optimizer=make_optimizer(keras, train, steps_per_epoch), loss=train.loss, metrics=[accuracy])
+    model.compile(optimizer=make_optimizer(keras, train, steps_per_epoch), loss=train.loss, metrics=[accuracy],
+                  steps_per_execution=train.steps_per_execution)
 
     epoch_s = []
 
@@ -354,7 +357,7 @@ def run_details(args, base, train, device_name, where, keras, history, epoch_s, 
     """Everything this run recorded, for the report: the device, versions, timings, final metrics."""
     details = {
         "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
-        "cpu_features": cpu_features(), "precision": precision,
+        "cpu_features": cpu_features(), "onednn": onednn_enabled(base.backend), "precision": precision,
         "backend": base.backend, "backend_version": backend_version(base.backend),
         "keras_version": keras.__version__,
         "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
@@ -386,7 +389,7 @@ def main(argv=None):
     check_train(train, base.backend)
     precision = resolve_precision(train.precision, args.device, cpu_features())
 
-    os.environ.update(device_env(base.backend, args.device, train.gpu))
+    os.environ.update(device_env(base.backend, args.device, train.gpu, train.cpu))
     keras = import_keras(base.backend, device=args.device)
     device_name = set_up_device(base.backend, args.device, train.cpu, train.gpu)
     keras.utils.set_random_seed(base.seed)

@@ -291,6 +291,29 @@ def test_an_auto_precision_run_records_what_it_chose(prepared, tmp_path, capsys)
     assert f"precision auto: {chosen}" in capsys.readouterr().out
 
 
+def test_onednn_is_set_before_tensorflow_starts_for_the_cpu_run_only():
+    cpu = validate(tiny_params()["train"], train.TrainParams, "train").cpu
+    assert devices.device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": True})) == {
+        "TF_ENABLE_ONEDNN_OPTS": "1"}
+    assert devices.device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": False})) == {
+        "TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert "TF_ENABLE_ONEDNN_OPTS" not in devices.device_env("tensorflow", "cpu", None,
+                                                             cpu.model_copy(update={"onednn": None}))
+    assert "TF_ENABLE_ONEDNN_OPTS" not in devices.device_env("torch", "cpu", None, cpu)
+
+
+def test_steps_per_execution_changes_no_number(prepared, tmp_path):
+    """Batches run 16 to a call or one by one: the same losses and weights, to the bit; the run records
+    whether oneDNN was in force."""
+    one, d_one = run_train(prepared, tmp_path / "one", **{"train.steps_per_execution": 1, "train.epochs": 2})
+    many, d_many = run_train(prepared, tmp_path / "many", **{"train.steps_per_execution": 16, "train.epochs": 2})
+    assert d_one["final_loss"] == d_many["final_loss"]
+    keras = import_keras("tensorflow", device="cpu")
+    a, b = (keras.models.load_model(folder / "model.keras") for folder in (one, many))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+    assert d_many["onednn"] is devices.onednn_enabled("tensorflow")
+
+
 def test_placement_names_the_device():
     assert devices.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
     assert devices.on_gpu("cuda:0") and devices.on_gpu("cuda:0")
