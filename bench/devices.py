@@ -52,6 +52,8 @@ def sh(args, cwd, log):
 def params_for(work, setting, backend, device):
     """params.yaml with the backend, the device and, for the fast preset, its overrides."""
     overrides = {"base.backend": backend, "train.devices": [device]}
+    if backend == "torch":
+        overrides["train.steps_per_execution"] = 1  # Keras on torch runs one step per call
     if setting == "fast":
         overrides |= yaml.safe_load((work / "params-fast.yaml").read_text())
     path = work / f"params-{setting}.yaml"
@@ -80,8 +82,8 @@ def epochwise(params_path, device, data, raw, out):
     from stages.classifier import classifier, standardize_table
     from stages.common import BaseParams, import_keras, load_params, read_json
     from stages.devices import cpu_features, device_env, set_up_device
-    from stages.train import (SPARSE_LOSSES, TrainParams, check_train, encode_labels, make_optimizer, resolve_precision,
-                              with_precision)
+    from stages.train import (SPARSE_LOSSES, TrainParams, check_train, encode_labels, initial_network, make_optimizer,
+                              resolve_precision)
 
     params = load_params(params_path, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
@@ -93,9 +95,7 @@ def epochwise(params_path, device, data, raw, out):
     pixels, y = np.load(data / "pixels_train.npy"), np.load(data / "y_train.npy")
     x_test, y_test = np.load(raw / "x_test.npy"), np.load(raw / "y_test.npy")
     init = Path("models/init")
-    precision = resolve_precision(train.precision, device, cpu_features())
-    model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
-    model.load_weights(init / "initial.weights.h5")
+    model = initial_network(keras, init, resolve_precision(train.precision, device, cpu_features()))
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
     accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES
                 else keras.metrics.CategoricalAccuracy)(name="accuracy")

@@ -96,6 +96,9 @@ def check_train(train, backend):
     if backend == "jax" and (train.cpu.intra_op_threads or train.cpu.inter_op_threads):
         raise UserError("params.yaml: train.cpu.*_threads are applied on tensorflow and torch only; "
                         "set them to 0 for jax")
+    if backend == "torch" and train.steps_per_execution != 1:
+        raise UserError(f"params.yaml: train.steps_per_execution = {train.steps_per_execution}: Keras on torch runs "
+                        f"one step per call; set it to 1 for torch")
     if backend == "jax" and train.gpu.memory_limit_mb:
         raise UserError("params.yaml: train.gpu.memory_limit_mb is applied on tensorflow and torch only; "
                         "set it to null for jax")
@@ -145,6 +148,13 @@ def with_precision(model_json, precision):
         if layer["class_name"] != "InputLayer" and layer["config"]["name"] != "output":
             layer["config"]["dtype"] = policy
     return json.dumps(config)
+
+
+def initial_network(keras, init, precision):
+    """The network build_init_weights saved in `init`, with its initial weights, computing in `precision`."""
+    model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
+    model.load_weights(init / "initial.weights.h5")
+    return model
 
 
 def learning_rate(keras, train, steps_per_epoch):
@@ -353,11 +363,12 @@ def progress_verbosity(stream):
     return 1 if stream.isatty() else 2
 
 
-def run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s, n_fit, precision):
+def run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s, n_fit, precision,
+                features):
     """Everything this run recorded, for the report: the device, versions, timings, final metrics."""
     details = {
         "device": args.device, "device_name": device_name, "placement": where, "cpu_model": cpu_model(),
-        "cpu_features": cpu_features(), "onednn": onednn_enabled(base.backend), "precision": precision,
+        "cpu_features": features, "onednn": onednn_enabled(base.backend), "precision": precision,
         "backend": base.backend, "backend_version": backend_version(base.backend),
         "keras_version": keras.__version__,
         "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
@@ -387,7 +398,8 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
-    precision = resolve_precision(train.precision, args.device, cpu_features())
+    features = cpu_features()
+    precision = resolve_precision(train.precision, args.device, features)
 
     os.environ.update(device_env(base.backend, args.device, train.gpu, train.cpu))
     keras = import_keras(base.backend, device=args.device)
@@ -401,8 +413,7 @@ def main(argv=None):
         scaler = read_json(args.data / "scaler.json")
         table = standardize_table(scaler)
         check_pixels(pixels, np.load(args.data / "x_train.npy", mmap_mode="r"), table)
-        model = keras.models.model_from_json(with_precision((args.init / "model.json").read_text(), precision))
-        model.load_weights(args.init / "initial.weights.h5")
+        model = initial_network(keras, args.init, precision)
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
     check_split(len(pixels), train.validation_split)
@@ -429,7 +440,7 @@ def main(argv=None):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
                             f"refusing to record this run as {args.device}")
         details = run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s,
-                              fit_size(len(pixels), train.validation_split), precision)
+                              fit_size(len(pixels), train.validation_split), precision, features)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             model.save(tmp / "model.keras")

@@ -105,7 +105,8 @@ def test_keras_array_pipelines_run_without_autotune_and_train_the_same(prepared,
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
     def autotuned():
-        return ArrayDataAdapter(np.zeros((10, 2)), batch_size=4, shuffle=True).get_tf_dataset().options().autotune.enabled
+        dataset = ArrayDataAdapter(np.zeros((10, 2)), batch_size=4, shuffle=True).get_tf_dataset()
+        return dataset.options().autotune.enabled
 
     data = prepared / "data"
     pixels, y = np.load(data / "pixels_train.npy"), keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
@@ -153,7 +154,8 @@ def test_pixels_that_do_not_give_x_train_are_refused(prepared, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)")
 def test_training_on_the_torch_backend(prepared, tmp_path):
     """Another backend (a process has one) runs the same stage, lookup included: the GPU path's code on a CPU."""
-    p = write_params(tmp_path / "params.yaml", tiny_params(**{"base.backend": "torch", "train.epochs": 2}))
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"base.backend": "torch", "train.epochs": 2,
+                                                              "train.steps_per_execution": 1}))
     subprocess.run([sys.executable, "-m", "stages.train", "--device", "cpu", "--data", str(prepared / "data"),
                     "--init", str(prepared / "init"), "--out", str(tmp_path / "cpu"), "--metrics",
                     str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"), "--live", str(tmp_path / "live"),
@@ -247,6 +249,13 @@ def test_bad_train_params(tmp_path, change, message):
         train.check_train(section, "tensorflow")
 
 
+def test_several_steps_per_call_on_torch_is_refused_with_one_line():
+    params = validate(tiny_params(**{"train.steps_per_execution": 16})["train"], train.TrainParams, "train")
+    with pytest.raises(UserError, match=r"train.steps_per_execution = 16: .* set it to 1 for torch"):
+        train.check_train(params, "torch")
+    train.check_train(params, "tensorflow")
+
+
 def test_unknown_backend_is_refused(tmp_path, prepared):
     with pytest.raises(UserError, match="base.backend = 'theano'"):
         run_train(prepared, tmp_path, **{"base.backend": "theano"})
@@ -279,7 +288,8 @@ def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(precisio
 
 
 def test_cpu_features_are_read_from_the_flags_line():
-    info = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n"
+    info = ("processor\t: 0\nmodel name\t: Intel Xeon\n"
+            "flags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n")
     assert devices.cpu_features(info) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
     assert devices.cpu_features("model name\t: ?\n") == []
 
