@@ -1,6 +1,6 @@
 """Where a training step's time goes: TensorFlow's profiler over steps of the train stage's fit, per op.
 
-    python bench/profile.py [--steps 60] [--params params.yaml] [--out bench/profile.json]
+    python bench/profile.py [--steps 64] [--params params.yaml] [--out bench/profile.json]
 
 Run it in the project after `dvc repro` (it reads data/processed and
 models/init, as train@cpu does). It builds what train@cpu fits (the classifier,
@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/profile.py`: make `stages` importable
-from stages.devices import cpu_features, cpu_model  # noqa: E402
+from stages.devices import cpu_features, cpu_model, onednn_enabled  # noqa: E402
 
 BACKWARD = "gradient_tape"
 
@@ -113,14 +113,16 @@ def read_trace(logdir, layer_names, flops, steps):
         gflop = op_flops(op_type, layer, backward, flops) / 1e9
         rows.append({"layer": layer, "pass": "backward" if backward else "forward", "op": op_type,
                      "ms_per_step": round(ms, 4), "calls_per_step": count / steps,
-                     "gflop_per_step": round(gflop, 4), "gflops": round(gflop / (ms / 1e3), 1) if gflop and ms else None})
+                     "gflop_per_step": round(gflop, 4),
+                     "gflops": round(gflop / (ms / 1e3), 1) if gflop and ms else None})
     rows.sort(key=lambda r: -r["ms_per_step"])
     return rows, busy_union(compute) / 1e9 / steps, pipeline_ps / 1e9 / steps
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=64, help="steps traced (after 32 of warm-up and the same steps untraced)")
+    parser.add_argument("--steps", type=int, default=64,
+                        help="steps traced (after 32 of warm-up and the same steps untraced)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "profile.json")
     parser.add_argument("--top", type=int, default=16, help="op rows printed")
@@ -129,7 +131,7 @@ def main(argv=None):
     from stages.classifier import classifier, standardize_table
     from stages.common import BaseParams, import_keras, load_params, read_json
     from stages.devices import device_env, set_up_device
-    from stages.train import TrainParams, encode_labels, make_optimizer, resolve_precision, with_precision
+    from stages.train import TrainParams, encode_labels, initial_network, make_optimizer, resolve_precision
 
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
@@ -138,14 +140,13 @@ def main(argv=None):
     os.environ.update(device_env(base.backend, "cpu", train.gpu, train.cpu))
     keras = import_keras(base.backend, device="cpu")
     import tensorflow as tf
-    from tensorflow.python.util import _pywrap_util_port
 
     set_up_device(base.backend, "cpu", train.cpu, train.gpu)
     keras.utils.set_random_seed(base.seed)
     data, init = ROOT / "data" / "processed", ROOT / "models" / "init"
-    precision = resolve_precision(train.precision, "cpu", cpu_features())
-    model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
-    model.load_weights(init / "initial.weights.h5")
+    features = cpu_features()
+    precision = resolve_precision(train.precision, "cpu", features)
+    model = initial_network(keras, init, precision)
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
     warm, n = 32, args.steps * train.batch_size
     pixels = np.load(data / "pixels_train.npy", mmap_mode="r")
@@ -172,8 +173,8 @@ def main(argv=None):
 
     total_ms = sum(r["ms_per_step"] for r in rows)
     result = {
-        "cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
-        "onednn": bool(_pywrap_util_port.IsMklEnabled()), "tensorflow": tf.__version__,
+        "cpu": cpu_model(), "cpu_features": features, "cores": os.cpu_count(),
+        "onednn": onednn_enabled("tensorflow"), "tensorflow": tf.__version__,
         "precision": precision, "batch_size": train.batch_size, "steps": args.steps,
         "steps_per_execution": train.steps_per_execution, "step_untraced_ms": round(untraced_ms, 3),
         "step_wall_ms": round(wall_ms, 3), "ops_busy_ms": round(busy_ms, 3), "ops_sum_ms": round(total_ms, 3),
@@ -182,11 +183,14 @@ def main(argv=None):
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['cpu']}, {result['cores']} cores ({', '.join(result['cpu_features'])}); TensorFlow "
-          f"{result['tensorflow']}, oneDNN {'on' if result['onednn'] else 'off'}, {precision}, batch {train.batch_size}")
-    print(f"step: {untraced_ms:.2f} ms untraced, {wall_ms:.2f} ms traced; ops running {busy_ms:.2f} ms (op time summed over threads "
+          f"{result['tensorflow']}, oneDNN {'on' if result['onednn'] else 'off'}, {precision}, "
+          f"batch {train.batch_size}")
+    print(f"step: {untraced_ms:.2f} ms untraced, {wall_ms:.2f} ms traced; ops running {busy_ms:.2f} ms "
+          f"(op time summed over threads "
           f"{total_ms:.2f} ms); no op running {wall_ms - busy_ms:.2f} ms (dispatch); input pipeline "
           f"{pipeline_ms:.2f} ms on its own threads")
-    print(f"| layer | pass | op | ms/step | share of op time | GFLOP/step | GFLOP/s |\n|---|---|---|---:|---:|---:|---:|")
+    print("| layer | pass | op | ms/step | share of op time | GFLOP/step | GFLOP/s |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for r in rows[:args.top]:
         print(f"| {r['layer']} | {r['pass']} | {r['op']} | {r['ms_per_step']:.2f} | "
               f"{100 * r['ms_per_step'] / total_ms:.0f} % | {r['gflop_per_step'] or ''} | {r['gflops'] or ''} |")

@@ -105,7 +105,7 @@ def run_ours(work, params, tag, log):
     train = json.loads((out / "train.json").read_text())
     test = json.loads((out / "evaluate.json").read_text())["test"]
     return {"fit_time_s": train["fit_time_s"], "fit_cpu_s": train["fit_cpu_s"], "samples_per_s": train["samples_per_s"],
-            "test_accuracy": test["accuracy"], "peak_rss_mb": rss, "precision": train.get("precision")}
+            "test_accuracy": test["accuracy"], "peak_rss_mb": rss, "precision": train["precision"]}
 
 
 def run_script(work, tag, log, script, *args):

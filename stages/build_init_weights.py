@@ -58,7 +58,7 @@ class ModelParams(Strict):
     output_activation: Literal["softmax", "sigmoid"]
     l2: L2Params
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # before each dense layer
-    batch_norm: bool  # BatchNormalization after each conv (and its pooling) and hidden dense layer, before its activation
+    batch_norm: bool  # BatchNormalization after each conv (and its pooling) and hidden dense layer, before activation
 
     @model_validator(mode="after")
     def _together(self):

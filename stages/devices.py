@@ -16,8 +16,8 @@ def device_env(backend, device, gpu, cpu=None):
     env = {}
     if backend == "tensorflow" and device == "cpu" and cpu is not None and cpu.onednn is not None:
         # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI, -BF16 or
-        # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN 8 % faster than Eigen's
-        # (bench/profile.py: conv2's weight gradient 17 -> 39 GFLOP/s)
+        # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN about 8 % faster than
+        # Eigen's (bench/profile.py: conv2's weight gradient 18 -> 32 GFLOP/s)
         env["TF_ENABLE_ONEDNN_OPTS"] = "1" if cpu.onednn else "0"
     if device == "gpu":
         # float32 means float32: since Ampere, cuBLAS and cuDNN run float32 products and
@@ -98,20 +98,26 @@ def on_gpu(where):
 NOTABLE_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def cpuinfo_field(name, cpuinfo=None):
+    """The value of the first `name` line of /proc/cpuinfo (or of the text given); None where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def cpu_features(cpuinfo=None):
     """The vector and matrix units this CPU has, of those that decide which kernels oneDNN runs.
 
     From the flags line of /proc/cpuinfo (or the text given); [] where there is none.
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [flag for flag in NOTABLE_CPU_FLAGS if flag in flags]
-    return []
+    flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
+    return [flag for flag in NOTABLE_CPU_FLAGS if flag in flags]
 
 
 def has_bfloat16_units(features):
@@ -128,10 +134,4 @@ def onednn_enabled(backend):
 
 
 def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
