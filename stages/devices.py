@@ -17,7 +17,7 @@ def device_env(backend, device, gpu, cpu=None):
     if backend == "tensorflow" and device == "cpu" and cpu is not None and cpu.onednn is not None:
         # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI, -BF16 or
         # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN about 8 % faster than
-        # Eigen's (bench/profile.py: conv2's weight gradient 18 -> 32 GFLOP/s)
+        # Eigen's (bench/step_profile.py: conv2's weight gradient 18 -> 32 GFLOP/s)
         env["TF_ENABLE_ONEDNN_OPTS"] = "1" if cpu.onednn else "0"
     if device == "gpu":
         # float32 means float32: since Ampere, cuBLAS and cuDNN run float32 products and

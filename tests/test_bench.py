@@ -3,6 +3,7 @@
 import importlib.util
 import re
 import shlex
+import sys
 
 import pytest
 import yaml
@@ -94,7 +95,7 @@ def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp
 
 
 def load_profile():
-    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "profile.py")
+    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "step_profile.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -123,3 +124,10 @@ def test_the_profile_counts_overlapping_ops_once():
     profile = load_profile()
     assert profile.busy_union([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     assert profile.busy_union([]) == 0
+
+
+def test_no_script_shadows_a_standard_module():
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/profile.py made torch's
+    # `import cProfile` load it instead of the standard library's profile (seen on the GPU host).
+    scripts = {path.stem for folder in ("bench", "stages") for path in (ROOT / folder).glob("*.py")}
+    assert not scripts & set(sys.stdlib_module_names)

@@ -1,6 +1,6 @@
 """Where a training step's time goes: TensorFlow's profiler over steps of the train stage's fit, per op.
 
-    python bench/profile.py [--steps 64] [--params params.yaml] [--out bench/profile.json]
+    python bench/step_profile.py [--steps 64] [--params params.yaml] [--out bench/step_profile.json]
 
 Run it in the project after `dvc repro` (it reads data/processed and
 models/init, as train@cpu does). It builds what train@cpu fits (the classifier,
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/profile.py`: make `stages` importable
+sys.path.insert(0, str(ROOT))  # run as `python bench/step_profile.py`: make `stages` importable
 from stages.devices import cpu_features, cpu_model, onednn_enabled  # noqa: E402
 
 BACKWARD = "gradient_tape"
@@ -124,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64,
                         help="steps traced (after 32 of warm-up and the same steps untraced)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "profile.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "step_profile.json")
     parser.add_argument("--top", type=int, default=16, help="op rows printed")
     args = parser.parse_args(argv)
 
@@ -136,7 +136,7 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     if base.backend != "tensorflow":
-        raise SystemExit("bench/profile.py reads TensorFlow's profiler: set base.backend to tensorflow")
+        raise SystemExit("bench/step_profile.py reads TensorFlow's profiler: set base.backend to tensorflow")
     os.environ.update(device_env(base.backend, "cpu", train.gpu, train.cpu))
     keras = import_keras(base.backend, device="cpu")
     import tensorflow as tf
