@@ -47,8 +47,36 @@ class Interrupted(BaseException):
     """
 
 
+_held = {"depth": 0, "pending": None}  # see signals_held
+
+
 def _interrupt(signum, frame):
+    if _held["depth"]:
+        _held["pending"] = _held["pending"] or signal.Signals(signum)
+        return
     raise Interrupted(signal.Signals(signum))
+
+
+@contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait for the end of the block, then interrupt as usual.
+
+    For the steps that must not be cut in two: creating a temporary folder and
+    taking charge of it, the renames into place, the removal of a temporary.
+    A flag read by run()'s handler, not pthread_sigmask: the mask holds a
+    signal off one thread only, and the kernel hands a process's SIGTERM to
+    any thread that does not block it (OpenBLAS's, TensorFlow's), whose
+    handler then interrupts the main thread mid-step all the same.
+    """
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        pending = _held["pending"]
+        if pending and not _held["depth"]:
+            _held["pending"] = None
+            raise Interrupted(pending)
 
 
 def run(main):
@@ -201,21 +229,21 @@ def atomic_path(final):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f".{final.name}",
-                                    dir=final.parent))
-    tmp = tmp_dir / final.name
+    tmp_dir = None
     try:
+        with signals_held():  # a signal between mkdtemp and this try would leave the folder behind
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f".{final.name}",
+                                            dir=final.parent))
+        tmp = tmp_dir / final.name
         yield tmp
-        # the two renames go together: a SIGINT or SIGTERM between them would leave no output at all
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with signals_held():  # the two renames go together: between them there would be no output at all
             if final.is_dir() and not final.is_symlink():
                 os.replace(final, tmp_dir / "old")
             os.replace(tmp, final)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            with signals_held():  # a signal mid-rmtree would leave half of it
+                shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def to_json(data, **kwargs):
