@@ -11,9 +11,12 @@ from pathlib import Path
 from stages.common import UserError
 
 
-def device_env(backend, device, gpu, cpu=None):
+def device_env(backend, device, gpu, cpu=None, replicas=1):
     """Environment variables that must be set before the backend is imported."""
     env = {}
+    if backend == "jax" and device == "cpu" and replicas > 1:
+        # XLA shows one CPU device unless told to split the host (the cores are shared among them)
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={replicas}"
     if backend == "tensorflow" and device == "cpu" and cpu is not None and cpu.onednn is not None:
         # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI, -BF16 or
         # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN about 8 % faster than
@@ -33,11 +36,15 @@ def device_env(backend, device, gpu, cpu=None):
     return env
 
 
-def set_up_device(backend, device, cpu, gpu):
+def set_up_device(backend, device, cpu, gpu, replicas=1):
     """Apply thread/memory settings and determinism; return the framework's name for the device.
 
-    Raises a UserError when --device gpu is asked for and the backend sees no GPU.
+    Raises a UserError when --device gpu is asked for and the backend sees no GPU,
+    or fewer GPUs than `replicas`. On a CPU, `replicas` > 1 splits it into that
+    many logical devices (TensorFlow; jax: device_env's XLA flag).
     """
+    too_few = (f"train.replicas = {replicas} but {backend} sees {{}} {device.upper()} device(s); set "
+               f"train.replicas to at most that")
     no_gpu = (f"train.devices includes 'gpu' but {backend} sees no GPU; remove 'gpu' from "
               f"train.devices, or install {backend} with CUDA support")
     if backend == "tensorflow":
@@ -48,22 +55,30 @@ def set_up_device(backend, device, cpu, gpu):
                 tf.config.threading.set_intra_op_parallelism_threads(cpu.intra_op_threads)
             if cpu.inter_op_threads:
                 tf.config.threading.set_inter_op_parallelism_threads(cpu.inter_op_threads)
-            return tf.config.list_physical_devices("CPU")[0].name
+            cpus = tf.config.list_physical_devices("CPU")
+            if replicas > 1:  # before anything starts TensorFlow's runtime
+                tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas)
+            return cpus[0].name
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
             raise UserError(no_gpu)
+        if len(gpus) < replicas:
+            raise UserError(too_few.format(len(gpus)))
         tf.config.experimental.enable_tensor_float_32_execution(False)  # float32 as float32 (see device_env)
-        if gpu.memory_limit_mb:
-            tf.config.set_logical_device_configuration(
-                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=gpu.memory_limit_mb)])
-        elif gpu.memory_growth:
-            tf.config.experimental.set_memory_growth(gpus[0], True)
+        for each in gpus[:replicas]:
+            if gpu.memory_limit_mb:
+                tf.config.set_logical_device_configuration(
+                    each, [tf.config.LogicalDeviceConfiguration(memory_limit=gpu.memory_limit_mb)])
+            elif gpu.memory_growth:
+                tf.config.experimental.set_memory_growth(each, True)
         return tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
     if backend == "jax":
         import jax
         devices = jax.devices()
         if device == "gpu" and devices[0].platform != "gpu":
             raise UserError(no_gpu)
+        if len(devices) < replicas:
+            raise UserError(too_few.format(len(devices)))
         return f"{devices[0].platform}:{devices[0].device_kind}"
     import torch
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -81,6 +96,15 @@ def set_up_device(backend, device, cpu, gpu):
         total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu.memory_limit_mb / total_mb))
     return torch.cuda.get_device_name(0)
+
+
+# Thread counts the frameworks read from the environment: how `dvc queue start -j N` gives each of its
+# N workers a share of the cores (the workers inherit its environment); each run records those set.
+THREAD_VARS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
+def thread_env(environ):
+    return {name: environ[name] for name in THREAD_VARS if name in environ}
 
 
 def placement(variable):

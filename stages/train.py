@@ -19,6 +19,7 @@ validation twins when train.validation_split > 0), learning rate and epoch time.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_pa
                            check_files, load_params, read_json, run, to_json,
                            write_json, write_manifest)
 from stages.devices import (cpu_features, cpu_model, device_env, has_bfloat16_units, on_gpu, onednn_enabled,
-                            placement, set_up_device)
+                            placement, set_up_device, thread_env)
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
 ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
@@ -64,6 +65,7 @@ class TrainParams(Strict):
     epochs: Annotated[int, Field(gt=0, le=10_000)]
     batch_size: Annotated[int, Field(gt=0, le=60_000)]
     steps_per_execution: Annotated[int, Field(gt=0, le=10_000)]
+    replicas: Annotated[int, Field(ge=1, le=64)]  # data parallelism over this many devices of the host
     optimizer: Literal["rmsprop", "sgd", "adam"]
     learning_rate: PositiveFloat
     lr_schedule: Literal["constant", "exponential", "step", "cosine"]
@@ -99,6 +101,12 @@ def check_train(train, backend):
     if backend == "torch" and train.steps_per_execution != 1:
         raise UserError(f"params.yaml: train.steps_per_execution = {train.steps_per_execution}: Keras on torch runs "
                         f"one step per call; set it to 1 for torch")
+    if backend == "torch" and train.replicas > 1:
+        raise UserError(f"params.yaml: train.replicas = {train.replicas}: data parallelism runs on tensorflow "
+                        f"(MirroredStrategy) and jax (keras.distribution.DataParallel); set it to 1 for torch")
+    if train.batch_size % train.replicas:
+        raise UserError(f"params.yaml: train.batch_size = {train.batch_size} does not split evenly over "
+                        f"train.replicas = {train.replicas}; use a multiple of {train.replicas}")
     if backend == "jax" and train.gpu.memory_limit_mb:
         raise UserError("params.yaml: train.gpu.memory_limit_mb is applied on tensorflow and torch only; "
                         "set it to null for jax")
@@ -155,6 +163,28 @@ def initial_network(keras, init, precision):
     model = keras.models.model_from_json(with_precision((init / "model.json").read_text(), precision))
     model.load_weights(init / "initial.weights.h5")
     return model
+
+
+def data_parallel(keras, backend, device, replicas):
+    """(scope, device names): within `with scope():`, a model is built and fitted on `replicas` devices at once.
+
+    Data parallelism with the frameworks' own engines, at the same global batch:
+    each device takes batch_size / replicas images of every batch and the
+    gradients are summed across them before the one update, so the result is
+    single-device training's up to the order of the sums (tests/test_train.py
+    measures how close). tensorflow: tf.distribute.MirroredStrategy; jax: the
+    Keras distribution API (keras.distribution.DataParallel). Batch
+    normalization's statistics are then per device, as those engines do.
+    """
+    if replicas == 1:
+        return contextlib.nullcontext, []
+    if backend == "tensorflow":
+        import tensorflow as tf
+        names = [d.name for d in tf.config.list_logical_devices(device.upper())][:replicas]
+        return tf.distribute.MirroredStrategy(devices=names).scope, names
+    devices = keras.distribution.list_devices(device)[:replicas]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return contextlib.nullcontext, [str(d) for d in devices]
 
 
 def learning_rate(keras, train, steps_per_epoch):
@@ -371,6 +401,7 @@ def run_details(args, base, train, device_name, where, keras, history, epoch_s, 
         "cpu_features": features, "onednn": onednn_enabled(base.backend), "precision": precision,
         "backend": base.backend, "backend_version": backend_version(base.backend),
         "keras_version": keras.__version__,
+        "replicas": train.replicas,
         "train_images": n_fit, "epochs": train.epochs, "batch_size": train.batch_size,
         "fit_time_s": round(fit_s, 3), "time_per_epoch_s": round(fit_s / train.epochs, 3),
         "first_epoch_s": round(epoch_s[0], 3),
@@ -401,9 +432,10 @@ def main(argv=None):
     features = cpu_features()
     precision = resolve_precision(train.precision, args.device, features)
 
-    os.environ.update(device_env(base.backend, args.device, train.gpu, train.cpu))
+    os.environ.update(device_env(base.backend, args.device, train.gpu, train.cpu, train.replicas))
     keras = import_keras(base.backend, device=args.device)
-    device_name = set_up_device(base.backend, args.device, train.cpu, train.gpu)
+    device_name = set_up_device(base.backend, args.device, train.cpu, train.gpu, train.replicas)
+    in_parallel, replica_devices = data_parallel(keras, base.backend, args.device, train.replicas)
     keras.utils.set_random_seed(base.seed)
     data_md5 = check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
     check_files(args.init, ["model.json", "initial.weights.h5"])
@@ -413,7 +445,8 @@ def main(argv=None):
         scaler = read_json(args.data / "scaler.json")
         table = standardize_table(scaler)
         check_pixels(pixels, np.load(args.data / "x_train.npy", mmap_mode="r"), table)
-        model = initial_network(keras, args.init, precision)
+        with in_parallel():  # the variables are made where the replicas are
+            model = initial_network(keras, args.init, precision)
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
     check_split(len(pixels), train.validation_split)
@@ -422,6 +455,7 @@ def main(argv=None):
               "is tiny: they will stand out by thousands; set preprocess.scaler=global", file=sys.stderr)
     print(f"train on {args.device} ({device_name}, {base.backend}): {len(pixels)} images, "
           f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}"
+          + (f", split over {train.replicas} devices ({', '.join(replica_devices)})" if train.replicas > 1 else "")
           + (f", precision auto: {precision}" if train.precision == "auto" else ""))
 
     from dvclive import Live
@@ -432,15 +466,18 @@ def main(argv=None):
             # fit would copy the array into a tensor and keep both: make the copy now, drop the array
             # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
             pixels = keras.ops.convert_to_tensor(pixels)
-        fitted = classifier(keras, model, table)
-        history, epoch_s, fit_s, fit_cpu_s = fit(keras, augmented(keras, fitted, train.augment, base.seed),
-                                                 pixels, y, train, live)
+        with in_parallel():
+            fitted = classifier(keras, model, table)
+            history, epoch_s, fit_s, fit_cpu_s = fit(keras, augmented(keras, fitted, train.augment, base.seed),
+                                                     pixels, y, train, live)
         where = placement(model.weights[0])
         if on_gpu(where) != (args.device == "gpu"):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
                             f"refusing to record this run as {args.device}")
         details = run_details(args, base, train, device_name, where, keras, history, epoch_s, fit_s, fit_cpu_s,
                               fit_size(len(pixels), train.validation_split), precision, features)
+        details["replica_devices"] = replica_devices
+        details["thread_env"] = thread_env(os.environ)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             model.save(tmp / "model.keras")
