@@ -47,6 +47,11 @@ def ran(result):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
+    return make_project(tmp_path_factory)
+
+
+def make_project(tmp_path_factory):
+    """The project fixture's folder (other test modules make their own with it)."""
     project = tmp_path_factory.mktemp("project")
     for name in PROJECT_FILES:
         src, dst = ROOT / name, project / name
