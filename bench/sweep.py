@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,7 @@ def main(argv=None):
     lines = [f"{result['host_cpu']}, {cores} cores: {args.experiments} experiments of {args.epochs} epoch(s)",
              "workers  threads each  sweep wall s  per experiment s  fit s each (median)  succeeded"]
     for s in result["sweeps"]:
-        median = sorted(s["fit_s_each"])[len(s["fit_s_each"]) // 2] if s["fit_s_each"] else float("nan")
+        median = statistics.median(s["fit_s_each"]) if s["fit_s_each"] else float("nan")
         lines.append(f"{s['workers']:<7}  {s['threads_each']:<12}  {s['wall_s']:<12}  {s['per_experiment_s']:<16}  "
                      f"{median:<19.1f}  {s['succeeded']}/{args.experiments}")
     print("\n".join(lines))
