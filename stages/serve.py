@@ -153,7 +153,7 @@ background removed, the digit cropped, fitted into 20x20 and centred by mass in 
 const pad = document.getElementById("pad"), ctx = pad.getContext("2d");
 const digit = document.getElementById("digit"), view = document.getElementById("view");
 const error = document.getElementById("error"), bars = document.getElementById("bars");
-let drawing = false, dirty = false, busy = false, last = null, generation = 0;
+let drawing = false, dirty = false, busy = false, last = null, latest = 0;
 
 for (let d = 0; d < 10; d++) {
   bars.insertAdjacentHTML("beforeend",
@@ -165,7 +165,8 @@ function clearPad() {
   ctx.fillRect(0, 0, pad.width, pad.height);
   digit.textContent = ""; error.textContent = ""; view.removeAttribute("src");
   show(null);
-  generation++;  // an answer still on its way is for the drawing just cleared: drop it
+  latest++;  // an answer still on its way is for the drawing just cleared: drop it
+  dirty = false;  // and do not send that drawing again when it comes
 }
 
 function show(probabilities) {
@@ -179,10 +180,10 @@ function show(probabilities) {
 }
 
 async function classify(body) {
-  const asked = generation;
+  const mine = ++latest;  // only the answer to the latest request is shown, whatever order answers come in
   const response = await fetch("predict", {method: "POST", body: body});
   const result = await response.json();
-  if (asked !== generation) return;
+  if (mine !== latest) return;
   if (result.error) {
     error.textContent = result.error; digit.textContent = ""; view.removeAttribute("src"); show(null);
   } else {
