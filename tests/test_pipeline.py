@@ -317,6 +317,7 @@ def readme_commands(section):
     return [shlex.split(line.split("  #")[0]) for line in readme_block(section, "bash").splitlines() if line.strip()]
 
 
+@pytest.mark.long
 def test_the_readmes_experiments_section_runs_as_written(project):
     """Every command of README's Experiments section, in order, in one project; then a failure, as the table shows it.
 

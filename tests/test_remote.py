@@ -32,6 +32,7 @@ from tests.conftest import ROOT, SAMPLE, tiny_params, write_params
 from tests.test_pipeline import ALL_CPU_STAGES, PROJECT_FILES, commit, dvc_env, ran
 
 SECTION = "Sharing results: a DVC remote"  # README.md's
+pytestmark = pytest.mark.long
 SSHD = Path("/usr/sbin/sshd")
 NO_SSHD = f"{SSHD} not found: install OpenSSH's server (Debian: apt-get install openssh-server; .ci/run does)"
 CACHED = "Stage '{}' is cached - skipping run, checking out outputs"  # what DVC 3.67 prints on a run-cache hit

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_pipeline import dvc, dvc_env, make_project
 
+pytestmark = pytest.mark.long
 RATES = ("0.0005", "0.002", "0.004")
 
 

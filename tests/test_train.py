@@ -397,6 +397,7 @@ def train_in_a_process(prepared, folder, backend, **overrides):
 DATA_PARALLEL_TOLERANCE = 1e-2
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_two_devices_train_as_one_device_does(prepared, tmp_path, backend):
     if importlib.util.find_spec(backend) is None:
