@@ -40,7 +40,7 @@ def dvc(work, *args, env=ENV):
     return result.stdout
 
 
-def thread_env(cores, workers):
+def thread_share(cores, workers):
     share = str(max(1, cores // workers))
     return {"TF_NUM_INTRAOP_THREADS": share, "TF_NUM_INTEROP_THREADS": share}
 
@@ -90,7 +90,7 @@ def main(argv=None):
         # other rates for each sweep: the run cache must restore none of them
         rates = [round(0.0005 * (i + 1) + 0.0001 * workers, 6) for i in range(args.experiments)]
         dvc(work, "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(map(str, rates))}")
-        threads = thread_env(cores, workers)
+        threads = thread_share(cores, workers)
         env = dict(ENV, **threads, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost",
                    GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@localhost")
         print(f"bench: {args.experiments} experiments, -j {workers}, {threads['TF_NUM_INTRAOP_THREADS']} "

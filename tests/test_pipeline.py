@@ -28,6 +28,7 @@ def dvc_env(project):
     env = {k: v for k, v in os.environ.items() if k != "MNIST_NPZ"}
     env["KERAS_HOME"] = str(project / ".keras_home")  # no Keras cache: fetch falls back to the sample
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages' `python` is ours
+    env.pop("SSH_AUTH_SOCK", None)  # an SSH remote (tests/test_remote.py) logs in with the test's key, no agent's
     return env
 
 
@@ -35,7 +36,7 @@ def dvc(project, *args, check=True):
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(project),
                             capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"dvc {' '.join(args)} failed in {project}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -50,17 +51,22 @@ def project(tmp_path_factory):
     return make_project(tmp_path_factory)
 
 
-def make_project(tmp_path_factory):
-    """The project fixture's folder (other test modules make their own with it)."""
-    project = tmp_path_factory.mktemp("project")
+def copy_project(folder):
+    """The project's files the pipeline needs, copied into `folder`, with tiny params; returns `folder`."""
     for name in PROJECT_FILES:
-        src, dst = ROOT / name, project / name
+        src, dst = ROOT / name, folder / name
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    write_params(project / "params.yaml", tiny_params())
+    write_params(folder / "params.yaml", tiny_params())
+    return folder
+
+
+def make_project(tmp_path_factory):
+    """The project fixture's folder (other test modules make their own with it)."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's: plots page, no analytics

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SAMPLE, tiny_params, write_params
-from tests.test_pipeline import ALL_CPU_STAGES, PROJECT_FILES, commit, dvc_env, ran
+from tests.conftest import ROOT, SAMPLE, write_params
+from tests.test_pipeline import ALL_CPU_STAGES, commit, copy_project, dvc, dvc_env, ran
 
 SECTION = "Sharing results: a DVC remote"  # README.md's
 pytestmark = pytest.mark.long
@@ -50,20 +49,6 @@ class Remote:
     name: str
     url: str
     local: dict = field(default_factory=dict)  # `dvc remote modify --local` settings: credentials, never committed
-
-
-def env_of(repo):
-    env = dvc_env(repo)
-    env.pop("SSH_AUTH_SOCK", None)  # only the test's key: no agent of the account running the tests
-    return env
-
-
-def dvc(repo, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env_of(repo),
-                            capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed in {repo}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def git(repo, *args):
@@ -175,15 +160,7 @@ def set_credentials(repo, remote):
 def origin(tmp_path_factory, remotes):
     """The first host: the tiny pipeline run and committed with the remotes' URLs; then a run of other params
     (train.epochs=2) pushed with the run cache and never committed. (repository, md5 of that run's classifier)."""
-    repo = tmp_path_factory.mktemp("origin")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, repo / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    write_params(repo / "params.yaml", tiny_params())
+    repo = copy_project(tmp_path_factory.mktemp("origin"))
     git(repo, "init", "-q")
     dvc(repo, "init", "-q")
     (repo / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())  # plots page, no analytics
@@ -203,7 +180,7 @@ def origin(tmp_path_factory, remotes):
     for remote in remotes.values():  # as the README says: the data, the run records, the files they name
         dvc(repo, "remote", "default", "--local", remote.name)
         dvc(repo, "push", "--run-cache")
-        pushed = subprocess.run([sys.executable, "-"], input=readme_push_run_files(), cwd=repo, env=env_of(repo),
+        pushed = subprocess.run([sys.executable, "-"], input=readme_push_run_files(), cwd=repo, env=dvc_env(repo),
                                 capture_output=True, text=True)
         assert pushed.returncode == 0 and pushed.stdout.endswith("files pushed\n"), pushed.stdout + pushed.stderr
     assert md5(repo / "models" / "cpu" / "classifier.keras") != other
@@ -288,7 +265,7 @@ def test_the_ssh_remote_does_not_check_the_host_key_as_the_readme_warns(origin, 
                               "-p", str(port), f"{remote.local['user']}@127.0.0.1", "true"],
                              capture_output=True, text=True)
     assert openssh.returncode == 255 and "Host key verification failed" in openssh.stderr, openssh.stderr
-    env = env_of(repo)
+    env = dvc_env(repo)
     env["HOME"] = str(ssh_dir.parent)
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud", "-r", remote.name], cwd=repo, env=env,
                             capture_output=True, text=True)
