@@ -165,7 +165,7 @@ function clearPad() {
   ctx.fillRect(0, 0, pad.width, pad.height);
   digit.textContent = ""; error.textContent = ""; view.removeAttribute("src");
   show(null);
-  latest++;  // an answer still on its way is for the drawing just cleared: drop it
+  latest++;  // an answer still on its way (or a drawing still being encoded) is for the pad just cleared: drop it
   dirty = false;  // and do not send that drawing again when it comes
 }
 
@@ -179,10 +179,13 @@ function show(probabilities) {
   }
 }
 
-async function classify(body) {
-  const mine = ++latest;  // only the answer to the latest request is shown, whatever order answers come in
-  const response = await fetch("predict", {method: "POST", body: body});
-  const result = await response.json();
+async function classify(body, mine) {  // mine: the ticket taken when the request was made
+  let result;
+  try {
+    result = await (await fetch("predict", {method: "POST", body: body})).json();
+  } catch (e) {
+    result = {error: "the server did not answer: " + e.message};
+  }
   if (mine !== latest) return;
   if (result.error) {
     error.textContent = result.error; digit.textContent = ""; view.removeAttribute("src"); show(null);
@@ -194,8 +197,10 @@ async function classify(body) {
 function send() {  // one request at a time; the latest drawing goes when the last answer is in
   if (busy) { dirty = true; return; }
   busy = true; dirty = false;
+  // The ticket is taken now, not when toBlob calls back: a clear or an upload in between must win over this drawing.
+  const mine = ++latest;
   pad.toBlob(async blob => {
-    try { await classify(blob); } catch (e) { error.textContent = "the server did not answer: " + e.message; }
+    await classify(blob, mine);
     busy = false;
     if (dirty) send();
   }, "image/png");
@@ -227,7 +232,7 @@ document.getElementById("file").addEventListener("change", async event => {
   event.target.value = "";
   if (file) {
     clearPad();
-    try { await classify(file); } catch (e) { error.textContent = "the server did not answer: " + e.message; }
+    await classify(file, ++latest);
   }
 });
 clearPad();

@@ -110,6 +110,14 @@ def test_drawing_a_digit_with_the_mouse_shows_its_prediction_and_a_bad_upload_an
             page.set_input_files("#file", str(bad))
             expect(page.locator("#error")).to_contain_text("not an image PIL can read", timeout=15_000)
             expect(page.locator("#digit")).to_have_text("")
+
+            # An upload made while drawings are still being encoded and sent wins over every one of them.
+            for _ in range(3):
+                draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])
+                page.set_input_files("#file", str(bad))
+                page.wait_for_timeout(1_500)  # time for any answer to the drawing to come in, and be dropped
+                expect(page.locator("#error")).to_contain_text("not an image PIL can read", timeout=15_000)
+                expect(page.locator("#digit")).to_have_text("")
         finally:
             browser.close()
     assert [p for p in problems if "400" not in p] == []  # the refused upload's 400 is the only console line
