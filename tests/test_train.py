@@ -189,6 +189,55 @@ def test_the_standardize_layer_gives_x_train_on_each_backend(prepared, backend):
     assert out.split() == ["True", "float32", "(64,", "28,", "28,", "1)"]
 
 
+LEAN_IMPORT = """
+import sys
+from stages.common import KERAS_EXTRAS, import_keras
+import_keras(sys.argv[1], device="cpu")
+print(*sorted(name for name in KERAS_EXTRAS if name in sys.modules))
+import jax, matplotlib.pyplot, sklearn  # what was left out imports as usual afterwards
+print(matplotlib.pyplot.figure is not None, sklearn.__name__, jax.__name__)
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_importing_keras_leaves_out_what_no_stage_uses_and_it_imports_later(backend):
+    """TensorFlow and Keras import jax, scikit-learn and matplotlib if installed (3 s of 8): import_keras leaves
+    them out, except the backend itself; a stage that needs one imports it afterwards as usual."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    out = subprocess.run([sys.executable, "-c", LEAN_IMPORT, backend], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out == ["jax" if backend == "jax" else "", "True sklearn jax"]
+
+
+QUICK_EXIT = """
+import atexit, pathlib, sys
+from stages.common import UserError, run
+def main():
+    if sys.argv[1] == "tensorflow":
+        import tensorflow  # noqa: F401
+    atexit.register(lambda: pathlib.Path(sys.argv[2]).write_text("Python's shutdown ran"))
+    print("done", end="")  # no newline: only a flush gets it out
+    if sys.argv[3] == "fail":
+        raise UserError("it went wrong")
+run(main)
+"""
+
+
+@pytest.mark.parametrize("imported", ["tensorflow", "nothing"])
+@pytest.mark.parametrize("ending", ["done", "fail"])
+def test_a_stage_that_loaded_tensorflow_skips_pythons_shutdown_once_done(tmp_path, imported, ending):
+    """TensorFlow's shutdown takes 2 s and writes nothing; every other ending (and every other stage) keeps it."""
+    marker = tmp_path / "shutdown"
+    out = subprocess.run([sys.executable, "-c", QUICK_EXIT, imported, str(marker), ending], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.stdout == "done"
+    assert out.returncode == (0 if ending == "done" else 1)
+    assert marker.exists() == (imported == "nothing" or ending == "fail")
+    if ending == "fail":
+        assert out.stderr.strip().splitlines()[-1] == "error: it went wrong"
+
+
 def test_other_settings_train_differently_from_the_same_start(prepared, tmp_path):
     _, rms = run_train(prepared, tmp_path / "rms")
     _, sgd = run_train(prepared, tmp_path / "sgd", **{"train.optimizer": "sgd", "train.momentum": 0.9,
