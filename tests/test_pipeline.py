@@ -414,3 +414,16 @@ def test_a_damaged_cache_object_is_named_and_the_readmes_recovery_repairs_it(pro
     assert file_md5(obj) == want and file_md5(processed / "x_train.npy") == want  # the cache holds it again
     dvc(project, "repro")  # and the pipeline runs on it
     assert ran(dvc(project, "repro")) == set()
+
+
+HEAVY = ("tensorflow", "keras", "jax", "torch", "sklearn", "matplotlib", "dvc", "dvclive", "onnxruntime")
+
+
+@pytest.mark.parametrize("stage", sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"))
+def test_importing_a_stage_loads_no_heavy_library(stage):
+    """Each stage starts in its own process under `dvc repro`, and imports what it uses where it uses it
+    (TensorFlow takes 5 s to import on 2 cores, scikit-learn 1.3 s): a module that imports another stage's
+    module for its params schema must not pay for that stage's libraries."""
+    out = subprocess.run([sys.executable, "-c", f"import sys, stages.{stage}; print(*sorted(m for m in {HEAVY!r} "
+                          "if m in sys.modules))"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out.split() == []
