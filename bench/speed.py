@@ -1,10 +1,11 @@
 """The speed benchmark: our train@cpu against the seed notebook's code, and the pipeline's own overhead.
 
     MNIST_NPZ=/path/to/mnist.npz python bench/speed.py [--quick] [--repeats 3] [--out bench/results.json]
+    MNIST_NPZ=/path/to/mnist.npz python bench/speed.py --pipeline-only --out bench/pipeline.json
 
 In a temporary copy of the project, on the full MNIST (it refuses the sample):
-  1. a fresh end-to-end `dvc repro`, a no-op `dvc repro`, and an evaluate-only
-     params change, each timed;
+  1. a fresh end-to-end `dvc repro` (and each stage's share of it), a no-op
+     `dvc repro`, and an evaluate-only params change, each timed;
   2. the reference (bench/reference.py, the notebook's procedure) and our
      train stage at the seed's settings (the default params), from the same
      initial weights and data, alternating A B B A A B ... so that a slow phase
@@ -55,6 +56,32 @@ def sh(args, cwd, log):
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
     return wall, usage.ru_maxrss / 1024
+
+
+def sh_stamped(args, cwd, log):
+    """Run a command like sh(); also return each output line with the seconds since the start it came at."""
+    lines = []
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(map(str, args))}\n")
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=ENV, text=True)
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            out.write(line)
+        proc.wait()
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
+    return wall, lines
+
+
+def stage_times(lines, end):
+    """Seconds from each of DVC's "Running stage 'x':" lines to the next (or to `end`): the stage's own
+    process plus DVC's hashing and locking after it, the first entry ("dvc") being DVC's start-up."""
+    starts = [(0.0, "dvc")] + [(t, line.split("'")[1]) for t, line in lines if line.startswith("Running stage '")]
+    ends = [t for t, _ in starts[1:]] + [end]
+    return {name: round(stop - t, 1) for (t, name), stop in zip(starts, ends, strict=True)}
 
 
 def copy_project(work, names):
@@ -142,7 +169,7 @@ def median_of(runs):
 def overhead(work, log):
     """Timings of the pipeline itself: fresh, no-op, evaluate-only change."""
     dvc = [sys.executable, "-m", "dvc", "repro"]
-    fresh_s, _ = sh(dvc, work, log)
+    fresh_s, lines = sh_stamped(dvc, work, log)
     data = json.loads((work / "metrics" / "data.json").read_text())
     if not data["full_mnist"]:
         sys.exit("bench: the pipeline ran on the 7,000-image sample; give it the full MNIST "
@@ -154,7 +181,7 @@ def overhead(work, log):
     evaluate_s, _ = sh(dvc, work, log)
     (work / "params.yaml").write_text(original)
     return {"fresh_repro_s": fresh_s, "fresh_fit_s": fit_s, "fresh_overhead_s": fresh_s - fit_s,
-            "noop_repro_s": noop_s, "evaluate_change_s": evaluate_s}
+            "fresh_stages_s": stage_times(lines, fresh_s), "noop_repro_s": noop_s, "evaluate_change_s": evaluate_s}
 
 
 def table(result):
@@ -213,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project copy")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="only the pipeline's timings (step 1, ~3 minutes), printed and written to --out")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
 
@@ -226,6 +255,9 @@ def main(argv=None):
         peaks = [run_peak(work, "peak0", log)]
         print("bench: fresh dvc repro, no-op repro, evaluate-only change ...", flush=True)
         pipeline = overhead(work, log)
+        if args.pipeline_only:
+            ok = True
+            return write_pipeline_only(args.out, pipeline)
         runs = {"reference": [], "ours": []}
         for i in range(repeats):
             # A B, B A, A B, ...: whatever a run's place in the order does to it (the host's
@@ -253,8 +285,7 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
 
     result = {
-        "machine": {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_facts(),
         "repeats": repeats, "targets": TARGETS,
         "reference": median_of(reference), "ours": median_of(ours),
         "fit_ratio": median_of(ours)["fit_time_s"] / median_of(reference)["fit_time_s"],
@@ -266,7 +297,32 @@ def main(argv=None):
     print(f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'}); "
           f"fast preset in {fast['precision']}")
     print(table(result))
+    print(by_stage(pipeline))
     print(f"wrote {args.out}")
+
+
+def machine_facts():
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def by_stage(pipeline):
+    """One line: the fresh repro's seconds per stage."""
+    return ("fresh dvc repro by stage (s; each with DVC's hashing and locking after it): "
+            + ", ".join(f"{name} {secs:.1f}" + (f" (fit {pipeline['fresh_fit_s']:.1f})" if name == "train@cpu" else "")
+                        for name, secs in pipeline["fresh_stages_s"].items()))
+
+
+def write_pipeline_only(out, pipeline):
+    machine = machine_facts()
+    out.write_text(json.dumps({"machine": machine, "targets": TARGETS, "pipeline": pipeline}, indent=2) + "\n")
+    print(f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'})")
+    print(f"fresh dvc repro {pipeline['fresh_repro_s']:.1f} s, of which fit {pipeline['fresh_fit_s']:.1f} s "
+          f"(+{pipeline['fresh_overhead_s']:.1f} s; target +{TARGETS['fresh_overhead_s']:.0f}); "
+          f"no-op {pipeline['noop_repro_s']:.1f} s (target {TARGETS['noop_repro_s']}); "
+          f"evaluate-only change {pipeline['evaluate_change_s']:.1f} s (target {TARGETS['evaluate_change_s']})")
+    print(by_stage(pipeline))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,17 @@ def test_the_table_says_which_targets_hold():
 
 
 
+def test_the_fresh_repro_is_split_by_stage_from_dvcs_own_lines():
+    speed = load_speed()
+    lines = [(0.2, "Verifying data sources in stage: 'fetch'"), (1.5, "Running stage 'fetch':"),
+             (1.6, "> python -m stages.fetch --out data/raw"), (3.4, "Running stage 'preprocess':"),
+             (10.4, "Running stage 'train@cpu':"), (120.0, "fit 100.0 s on cpu"), (130.25, "Running stage 'report':"),
+             (132.0, "Use `dvc push` to send your updates to remote storage.")]
+    assert speed.stage_times(lines, end=133.0) == {"dvc": 1.5, "fetch": 1.9, "preprocess": 7.0, "train@cpu": 119.8,
+                                                   "report": 2.8}
+    assert speed.stage_times([], end=2.0) == {"dvc": 2.0}  # nothing ran: all of it is DVC's
+
+
 def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
     from stages.build_init_weights import ModelParams, count_weights
     from stages.preprocess import PreprocessParams
