@@ -86,28 +86,31 @@ def unstandardize(x, scaler):
     return np.clip(flat, 0, 255).reshape(len(x), 28, 28)
 
 
-def mistakes_png(images, y, probs, indices, path, title):
-    """A grid of the given test images, each captioned below: 'true 4, read 9' and '#index, confidence'."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def mistakes_png(images, y, probs, indices, path, title, scale=5, cols=5):
+    """A grid of the given test images, each captioned below: 'true 4, read 9' and '#index, confidence'.
 
-    cols = 5
+    Drawn with Pillow, not matplotlib, whose import and layout took 2.3 s of
+    the stage's 6 s after TensorFlow's start; each image is shown at `scale`
+    times its size, pixel for pixel, ink dark on white as in the report.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=15)  # Pillow's own scalable font: the same on every machine
+    side, pad, caption, top = 28 * scale, 16, 48, 48
+    width, height = side + 2 * pad, side + caption + 8
     rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.35 + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, indices, strict=False):
+    sheet = Image.new("L", (cols * width, top + rows * height + 8), 255)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((sheet.width / 2, top / 2), title, fill=0, font=font, anchor="mm")
+    for k, i in enumerate(indices):
+        x, yy = (k % cols) * width + pad, top + (k // cols) * height
+        ink = 255 - np.rint(np.clip(images[i], 0, 255)).astype(np.uint8)
+        sheet.paste(Image.fromarray(ink).resize((side, side), Image.Resampling.NEAREST), (x, yy))
+        draw.rectangle([x - 1, yy - 1, x + side, yy + side], outline=187)
         pred = int(probs[i].argmax())
-        ax.axis("on")
-        ax.set(xticks=[], yticks=[])
-        ax.spines[:].set_color("#bbbbbb")
-        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
-        ax.set_xlabel(f"true {y[i]}, read {pred}\n#{i}, {probs[i, pred]:.0%} sure", fontsize=11, linespacing=1.4)
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same bytes
-    plt.close(fig)
+        draw.multiline_text((x + side / 2, yy + side + 7), f"true {y[i]}, read {pred}\n#{i}, {probs[i, pred]:.0%} sure",
+                            fill=0, font=font, anchor="ma", align="center", spacing=5)
+    sheet.save(path, format="PNG")
 
 
 def main(argv=None):

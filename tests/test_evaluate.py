@@ -41,3 +41,24 @@ def test_predictions_csv_rows():
     probs = np.eye(10)[[3, 5]] * 0.9 + 0.01
     text = evaluate.predictions_csv(probs, np.array([3, 4]))
     assert text.splitlines() == ["index,actual,predicted,confidence", "0,3,3,0.910000", "1,4,5,0.910000"]
+
+
+def test_the_mistakes_picture_shows_each_image_pixel_for_pixel_in_its_cell(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28)).astype(np.float64)
+    y = np.arange(12) % 10
+    probs = np.full((12, 10), 0.01)
+    probs[np.arange(12), (y + 1) % 10] = 0.91  # every one wrong
+    path = tmp_path / "m.png"
+    evaluate.mistakes_png(images, y, probs, [7, 2, 11, 0, 5, 9], path, "a title", scale=3, cols=5)
+    sheet = np.asarray(Image.open(path))
+    side, pad, caption, top = 28 * 3, 16, 48, 48
+    assert sheet.shape == (top + 2 * (side + caption + 8) + 8, 5 * (side + 2 * pad))  # 6 images: 2 rows of 5
+    for k, i in enumerate([7, 2, 11, 0, 5, 9]):
+        x, yy = (k % 5) * (side + 2 * pad) + pad, top + (k // 5) * (side + caption + 8)
+        cell = sheet[yy:yy + side, x:x + side]
+        assert np.array_equal(cell[::3, ::3], 255 - images[i].astype(np.uint8))  # ink dark on white
+        below = sheet[yy + side + 2:yy + side + caption, x:x + side]
+        assert below.min() < 128  # a caption is written under each
+    assert (sheet[top + side + caption + 8:, 3 * (side + 2 * pad):] == 255).all()  # no 7th cell: blank paper
