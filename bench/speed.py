@@ -12,7 +12,8 @@ In a temporary copy of the project, on the full MNIST (it refuses the sample):
      of the machine, or a place in the order, hits both; medians of fit time, samples/s, peak RSS of the
      training process, and test accuracy of each;
   3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %;
-  4. the ceiling: the CPU's matrix-product rate (bench/peak.py, before and
+  4. a training step op by op (bench/step_profile.py), summarized;
+  5. the ceiling: the CPU's matrix-product rate (bench/peak.py, before and
      after the runs, the better kept) and the model's training FLOPs
      (details/model.json) give the fit time no code could beat, and each
      run's share of it.
@@ -149,6 +150,23 @@ def run_reference(work, tag, log):
             "samples_per_s": result["samples_per_s"], "test_accuracy": result["test_accuracy"], "peak_rss_mb": rss}
 
 
+def run_profile(work, log):
+    """bench/step_profile.py at the seed's settings in the copy (after its fresh repro): a step, op by op."""
+    return run_script(work, "step_profile", log, "bench/step_profile.py")[0]
+
+
+def profile_summary(profile, top=5):
+    """A few lines: the step's time and where it goes (the ops taking most of it, dispatch, input pipeline)."""
+    lines = [f"a step at the seed's settings (bench/step_profile.py, batch {profile['batch_size']}, "
+             f"oneDNN {'on' if profile['onednn'] else 'off'}): {profile['step_untraced_ms']:.1f} ms; "
+             f"no op running {profile['no_op_running_ms']:.1f} ms, input pipeline "
+             f"{profile['input_pipeline_ms']:.1f} ms (own threads); the ops taking most of it:"]
+    for op in profile["ops"][:top]:
+        rate = f", {op['gflops']:.0f} GFLOP/s" if op.get("gflops") else ""
+        lines.append(f"  {op['layer']} {op['pass']} {op['op']}: {op['ms_per_step']:.1f} ms{rate}")
+    return "\n".join(lines)
+
+
 def run_peak(work, tag, log):
     return run_script(work, tag, log, "bench/peak.py")[0]
 
@@ -274,6 +292,8 @@ def main(argv=None):
         set_params(fast_params, yaml.safe_load((work / "params-fast.yaml").read_text()))
         fast = run_ours(work, fast_params, "fast", log)
         fast["time_to_99_s"] = fast["fit_time_s"] if fast["test_accuracy"] >= 0.99 else None
+        print("bench: a step op by op ...", flush=True)
+        profile = run_profile(work, log)
         peaks.append(run_peak(work, "peak1", log))
         train_flops = json.loads((work / "details" / "model.json").read_text())["train_flops_per_image"]
         fast_epochs = yaml.safe_load((work / "params-fast.yaml").read_text())["train.epochs"]
@@ -290,7 +310,7 @@ def main(argv=None):
         "reference": median_of(reference), "ours": median_of(ours),
         "fit_ratio": median_of(ours)["fit_time_s"] / median_of(reference)["fit_time_s"],
         "runs": {"reference": reference, "ours": ours},
-        "fast_preset": fast, "pipeline": pipeline, "ceiling": top, "peaks": peaks,
+        "fast_preset": fast, "pipeline": pipeline, "ceiling": top, "peaks": peaks, "step_profile": profile,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     machine = result["machine"]
@@ -298,6 +318,7 @@ def main(argv=None):
           f"fast preset in {fast['precision']}")
     print(table(result))
     print(by_stage(pipeline))
+    print(profile_summary(profile))
     print(f"wrote {args.out}")
 
 

@@ -89,6 +89,21 @@ def test_the_fresh_repro_is_split_by_stage_from_dvcs_own_lines():
     assert speed.stage_times([], end=2.0) == {"dvc": 2.0}  # nothing ran: all of it is DVC's
 
 
+def test_the_profile_summary_names_the_step_and_its_largest_ops():
+    speed = load_speed()
+    profile = {"batch_size": 64, "onednn": True, "step_untraced_ms": 24.819, "no_op_running_ms": 3.177,
+               "input_pipeline_ms": 0.187,
+               "ops": [{"layer": "conv2", "pass": "backward", "op": "Conv2DBackpropFilter", "ms_per_step": 9.07,
+                        "gflops": 31.5},
+                       {"layer": "optimizer", "pass": "update", "op": "ApplyRMSProp", "ms_per_step": 1.2,
+                        "gflops": None},
+                       {"layer": "conv1", "pass": "forward", "op": "Conv2D", "ms_per_step": 0.5, "gflops": 20.0}]}
+    lines = speed.profile_summary(profile, top=2).splitlines()
+    assert "batch 64, oneDNN on): 24.8 ms; no op running 3.2 ms, input pipeline 0.2 ms" in lines[0]
+    assert lines[1:] == ["  conv2 backward Conv2DBackpropFilter: 9.1 ms, 32 GFLOP/s",
+                         "  optimizer update ApplyRMSProp: 1.2 ms"]  # no FLOPs counted, no rate; top 2 only
+
+
 def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
     from stages.build_init_weights import ModelParams, count_weights
     from stages.preprocess import PreprocessParams
