@@ -45,36 +45,28 @@ TARGETS = {"fit_ratio": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800, "fast
            "noop_repro_s": 3.0, "fresh_overhead_s": 20.0, "evaluate_change_s": 15.0}
 
 
-def sh(args, cwd, log):
-    """Run a command, its output appended to `log`; return (wall seconds, peak RSS of the process in MB)."""
+def sh(args, cwd, log, lines=None):
+    """Run a command, its output appended to `log`; return (wall seconds, peak RSS of the process in MB).
+
+    Given a list as `lines`, each output line is also appended to it, with the
+    seconds since the start at which it came.
+    """
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(map(str, args))}\n")
         out.flush()
         start = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, stdout=out if lines is None else subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=ENV, text=True)
+        if lines is not None:
+            with proc.stdout:
+                for line in proc.stdout:
+                    lines.append((time.perf_counter() - start, line.rstrip("\n")))
+                    out.write(line)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
     return wall, usage.ru_maxrss / 1024
-
-
-def sh_stamped(args, cwd, log):
-    """Run a command like sh(); also return each output line with the seconds since the start it came at."""
-    lines = []
-    with open(log, "a") as out:
-        out.write(f"\n$ {' '.join(map(str, args))}\n")
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, args)), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=ENV, text=True)
-        for line in proc.stdout:
-            lines.append((time.perf_counter() - start, line.rstrip("\n")))
-            out.write(line)
-        proc.wait()
-        wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
-    return wall, lines
 
 
 def stage_times(lines, end):
@@ -187,7 +179,8 @@ def median_of(runs):
 def overhead(work, log):
     """Timings of the pipeline itself: fresh, no-op, evaluate-only change."""
     dvc = [sys.executable, "-m", "dvc", "repro"]
-    fresh_s, lines = sh_stamped(dvc, work, log)
+    lines = []
+    fresh_s, _ = sh(dvc, work, log, lines)
     data = json.loads((work / "metrics" / "data.json").read_text())
     if not data["full_mnist"]:
         sys.exit("bench: the pipeline ran on the 7,000-image sample; give it the full MNIST "
@@ -313,9 +306,7 @@ def main(argv=None):
         "fast_preset": fast, "pipeline": pipeline, "ceiling": top, "peaks": peaks, "step_profile": profile,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    machine = result["machine"]
-    print(f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'}); "
-          f"fast preset in {fast['precision']}")
+    print(f"{machine_line(result['machine'])}; fast preset in {fast['precision']}")
     print(table(result))
     print(by_stage(pipeline))
     print(profile_summary(profile))
@@ -325,6 +316,10 @@ def main(argv=None):
 def machine_facts():
     return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def machine_line(machine):
+    return f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'})"
 
 
 def by_stage(pipeline):
@@ -337,7 +332,7 @@ def by_stage(pipeline):
 def write_pipeline_only(out, pipeline):
     machine = machine_facts()
     out.write_text(json.dumps({"machine": machine, "targets": TARGETS, "pipeline": pipeline}, indent=2) + "\n")
-    print(f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features']) or 'no flags read'})")
+    print(machine_line(machine))
     print(f"fresh dvc repro {pipeline['fresh_repro_s']:.1f} s, of which fit {pipeline['fresh_fit_s']:.1f} s "
           f"(+{pipeline['fresh_overhead_s']:.1f} s; target +{TARGETS['fresh_overhead_s']:.0f}); "
           f"no-op {pipeline['noop_repro_s']:.1f} s (target {TARGETS['noop_repro_s']}); "
