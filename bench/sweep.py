@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def main(argv=None):
                      f"{median:<19.1f}  {s['succeeded']}/{args.experiments}")
     print("\n".join(lines))
     print(f"wrote {args.out}")
-    subprocess.run(["rm", "-rf", str(work)])
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
