@@ -6,10 +6,13 @@ Kept small on purpose: anything only one stage needs lives in that stage.
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,20 +91,174 @@ def run(main):
     """
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    stage = os.environ.get("DVC_STAGE")  # DVC names the stage it runs (dvc/stage/run.py)
+    if stage:
+        watch_dvc()
+    quiet = QuietStderr()
     try:
-        main()
+        with quiet:
+            main()
         # done and written: a signal from here on (Python's shutdown would die of it) changes nothing
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if "tensorflow" in sys.modules:
             quick_exit()
     except UserError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {err}{restore_hint(stage)}")
     except Interrupted as err:
         signum = err.args[0]
-        print(f"error: interrupted by {signum.name}; nothing half-written was left (run it again to finish)",
+        why = "dvc, which ran this stage, is gone" if _dvc_gone.is_set() else f"interrupted by {signum.name}"
+        print(f"error: {why}; nothing half-written was left (run it again to finish){restore_hint(stage)}",
               file=sys.stderr)
         sys.exit(128 + signum)
+
+
+def restore_hint(stage, lock="dvc.lock"):
+    """How to get a stage's last good outputs back, for the end of its error line; "" outside DVC.
+
+    DVC deletes a stage's outputs before it runs it and, when the run fails,
+    leaves dvc.lock naming the last good ones, which its cache still holds:
+    `dvc checkout` puts them back in a second, where a rerun would retrain.
+    """
+    if not stage or stage not in locked_stages(Path(os.environ.get("DVC_ROOT", ".")) / lock):
+        return ""
+    return f"; the last good outputs are in DVC's cache: `dvc checkout {stage}` puts them back"
+
+
+def locked_stages(lock):
+    """The stage names dvc.lock records (foreach stages as DVC addresses them: train@cpu); {} if none."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe").load(Path(lock).read_text()).get("stages") or {}
+    except (OSError, YAMLError, AttributeError, UnicodeDecodeError):
+        return {}
+
+
+def lock_restore_hint(path, lock="dvc.lock", cache=".dvc/cache/files/md5"):
+    """For predict and serve: where dvc.lock names `path` as a stage's output whose files DVC's cache holds,
+    the command that checks it out; None otherwise."""
+    path = Path(path).as_posix().rstrip("/")
+    for stage, record in locked_stages(lock).items():
+        for out in record.get("outs") or []:
+            md5 = str(out.get("md5", ""))
+            if out.get("path", "").rstrip("/") == path and (Path(cache) / md5[:2] / md5[2:]).is_file():
+                return f"dvc checkout {stage}"
+    return None
+
+
+_dvc_gone = threading.Event()
+
+
+def watch_dvc(interval_s=0.5):
+    """End this stage, as SIGTERM would, once the `dvc` process that runs it is gone.
+
+    Killing `dvc repro` (a closed terminal, a scheduler's SIGTERM) does not stop
+    the stage it is running: it would go on and write its outputs behind DVC's
+    back, after DVC has recorded nothing of it. DVC runs the stage through a
+    shell, which may or may not exec it; the nearest ancestor that is not a
+    shell is DVC. A daemon thread polls it and, once it is gone (its /proc
+    entry gone, or another process with its pid), signals this process.
+    """
+    pid, started = dvc_ancestor()
+    if pid is None:
+        return
+
+    def poll():
+        while process_start(pid) == started:
+            time.sleep(interval_s)
+        _dvc_gone.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="watch-dvc", daemon=True).start()
+
+
+SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "fish", "busybox"}
+
+
+def dvc_ancestor():
+    """(pid, start time) of the nearest ancestor that is not a shell; (None, None) where /proc cannot tell."""
+    pid = os.getppid()
+    for _ in range(4):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None, None
+        if comm not in SHELLS or parent <= 1:
+            return pid, process_start(pid)
+        pid = parent
+    return None, None
+
+
+def process_start(pid):
+    """A process's start time (clock ticks since boot; /proc/<pid>/stat's 22nd field), None once it is gone.
+
+    A process that has exited but not yet been waited for (a zombie: state Z or X) counts as gone.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# TensorFlow's C++ log lines that say nothing a user can act on: absl's notice that it logs before being set
+# up and the informational and warning lines after it ("oneDNN custom operations are on", twice per
+# process), and tf.data's complaint that Keras's graph names an attribute this build lacks. TensorFlow
+# 2.21 logs them through absl, which TF_CPP_MIN_LOG_LEVEL no longer reaches, before Python code can set
+# anything: only the file descriptor can be filtered. Errors and fatal lines pass, as does all Python.
+TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+                      rb"|[IW]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] "
+                      rb"|E\d{4} [\d:.]+ +\d+ node_def_util\.cc:\d+\] NodeDef mentions attribute "
+                      rb"use_unbounded_threadpool ")
+SHOW_TF_LOGS = "MNIST_TF_LOGS"  # set to 1 to see every line
+
+
+class QuietStderr:
+    """Within the block, lines written to file descriptor 2 that match TF_NOISE are dropped; the rest pass.
+
+    The descriptor is pointed at a pipe that a thread reads, line by line, into
+    the real stderr; leaving the block puts the descriptor back and waits for
+    the thread to pass on all that was written. Off where MNIST_TF_LOGS=1.
+    """
+
+    def __enter__(self):
+        self.thread = None
+        if os.environ.get(SHOW_TF_LOGS) == "1":
+            return self
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._relay, args=(read_end,), name="quiet-stderr", daemon=True)
+        self.thread.start()
+        return self
+
+    def _relay(self, read_end):
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                kept = b"".join(line + b"\n" for line in lines if not TF_NOISE.match(line))
+                if kept:
+                    os.write(self.saved, kept)
+        if pending and not TF_NOISE.match(pending):
+            os.write(self.saved, pending)
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self.thread is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)  # the pipe's last writer closes: the thread reads to its end
+        self.thread.join(timeout=10)
+        os.close(self.saved)
+        self.thread = None
 
 
 def quick_exit():

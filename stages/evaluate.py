@@ -66,6 +66,16 @@ def test_metrics(probs, y):
     }
 
 
+def check_learned(accuracy, y, device):
+    """Refuse a model no better than always answering the test set's most frequent digit: a failed run."""
+    counts = np.bincount(y, minlength=len(DIGITS))
+    baseline = counts.max() / len(y)
+    if accuracy <= baseline:
+        raise UserError(f"the {device} model learned nothing: test accuracy {accuracy:.4f} is no better than "
+                        f"always answering {int(counts.argmax())} ({baseline:.4f}); nothing was written. "
+                        f"Check train.learning_rate, train.epochs and train.optimizer")
+
+
 def predictions_csv(probs, y):
     pred = probs.argmax(axis=1)
     rows = ["index,actual,predicted,confidence"]
@@ -142,7 +152,11 @@ def main(argv=None):
                         f"run `dvc repro` to make them") from None
     probs = np.asarray(model.predict(x, batch_size=params["evaluate"].batch_size, verbose=0), dtype=np.float64)
 
+    if not np.isfinite(probs).all():
+        raise UserError(f"the {args.device} model gives NaN or infinite probabilities on the test set; nothing "
+                        f"was written. Its weights ran away in training: lower train.learning_rate")
     metrics = test_metrics(probs, y)
+    check_learned(metrics["test"]["accuracy"], y, args.device)
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))

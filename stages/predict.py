@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import (MANIFEST, UserError, atomic_path, check_files, import_keras, import_onnxruntime,
-                           read_json, run, to_json)
+                           lock_restore_hint, read_json, run, to_json)
 
 SIDE, BOX = 28, 20  # MNIST: digits fitted into 20x20, centred by mass in 28x28
 # Limits on what one file may cost: the README lists them. A photo from a phone (12-48 megapixels)
@@ -353,6 +353,10 @@ class Runtime:
     def __init__(self, folder):
         folder = Path(folder)
         names = ["classifier.keras", "params.json"]
+        restore = None if (folder / MANIFEST).is_file() else lock_restore_hint(folder)
+        if restore:  # DVC deleted it for a run that failed, or a checkout is pending: no need to retrain
+            raise UserError(f"{folder} is not there, but dvc.lock names it and DVC's cache holds it: "
+                            f"`{restore}` puts it back")
         self.onnx = "classifier.onnx" in read_json(folder / MANIFEST).get("files", {})
         check_files(folder, names + ["classifier.onnx"] * self.onnx)
         if self.onnx:

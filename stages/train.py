@@ -40,6 +40,7 @@ from stages.devices import (cpu_features, cpu_model, device_env, has_bfloat16_un
                             placement, set_up_device, thread_env)
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
 ONE_HOT_LOSSES = ("categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 
 
@@ -84,6 +85,12 @@ class TrainParams(Strict):
     @model_validator(mode="after")
     def _together(self):
         """The rules between keys of this section: every stage that reads `train` sees them."""
+        if self.learning_rate < FLOAT32_TINY:
+            # the optimizers keep the rate in float32: below its smallest normal number it is flushed to
+            # zero or loses its digits, and a run would train nothing and call it a result
+            raise UserError(f"params.yaml: train.learning_rate = {self.learning_rate:g} is below float32's "
+                            f"smallest normal number ({FLOAT32_TINY:g}), at which nothing trains; use at "
+                            f"least 1e-7 (the seed's is 0.001)")
         if len(set(self.devices)) != len(self.devices):
             raise UserError(f"params.yaml: train.devices = {self.devices}: list each device once")
         if self.optimizer == "adam" and self.momentum:
@@ -126,7 +133,61 @@ def check_split(n_images, validation_split):
 
 
 class Diverged(UserError):
-    """The loss became NaN or infinite: the run is a failure, not a result."""
+    """The loss or the weights ran away: the run is a failure, not a result."""
+
+
+DIVERGENCE_FACTOR = 1000  # a loss this many times the first batches' ends the run
+
+
+class DivergenceGuard:
+    """Ends a fit as a failure, on every CPU alike, when it runs away.
+
+    A loss that is NaN or infinite, or over DIVERGENCE_FACTOR times the
+    initial weights' loss on the first batch, at any report (Keras reports
+    the epoch's running mean once per call: after steps_per_execution
+    batches, by which time a runaway rate has already run away); weights
+    that are NaN or infinite, checked at each epoch's end. Whether a
+    runaway rate gives NaN or a huge finite loss depends on the CPU's kernels
+    (an EPYC with AVX-512 kept the loss at 3.7e30 where others gave NaN), so
+    the guard does not wait for NaN.
+    """
+
+    def __init__(self, keras, model, learning_rate, first_loss):
+        self.keras, self.model, self.learning_rate = keras, model, learning_rate
+        self.first_loss, self.epoch = first_loss, 0
+
+    def fail(self, what, batch=None, at="at"):
+        where = f"{at} epoch {self.epoch}" + (f", batch {batch}" if batch else "")
+        raise Diverged(f"training diverged: {what} {where}; nothing was written. Lower "
+                       f"train.learning_rate (now {self.learning_rate}), or try another train.lr_schedule, "
+                       f"train.optimizer or train.momentum")
+
+    def check_loss(self, loss, batch):
+        if not math.isfinite(loss):
+            self.fail(f"the loss is {loss}", batch)
+        if loss > DIVERGENCE_FACTOR * max(self.first_loss, 1e-3):
+            self.fail(f"the loss is {loss:.3g}, over {DIVERGENCE_FACTOR} times the first batch's "
+                      f"{self.first_loss:.3g},", batch)
+
+    def check_weights(self):
+        for weight in self.model.weights:
+            if not np.isfinite(self.keras.ops.convert_to_numpy(weight.value)).all():
+                self.fail(f"weight {weight.path} holds NaN or infinite values", at="at the end of")
+
+    def callback(self):
+        guard = self
+
+        class Guard(self.keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                guard.epoch = epoch + 1
+
+            def on_train_batch_end(self, batch, logs=None):
+                guard.check_loss(float((logs or {}).get("loss", 0.0)), batch + 1)
+
+            def on_epoch_end(self, epoch, logs=None):
+                guard.check_weights()
+
+        return Guard()
 
 
 def resolve_precision(precision, device, features):
@@ -306,6 +367,14 @@ def augmented(keras, classifier, augment, seed):
     return keras.Model(pixels, classifier(moved), name="augmented")
 
 
+def first_batch_loss(keras, model, x, labels, train):
+    """The loss of the initial weights on the first batch: the yardstick of DivergenceGuard."""
+    n = train.batch_size
+    probabilities = model(keras.ops.convert_to_tensor(np.asarray(x[:n])), training=False)
+    loss = keras.losses.get(train.loss)(keras.ops.convert_to_tensor(labels[:n]), probabilities)
+    return float(keras.ops.convert_to_numpy(keras.ops.mean(loss)))
+
+
 def fit(keras, model, x, y, train, live):
     """Compile and fit, logging each epoch to `live`.
 
@@ -332,26 +401,55 @@ def fit(keras, model, x, y, train, live):
             logs["epoch_time_s"] = epoch_s[-1]
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
-    class StopOnNonFinite(keras.callbacks.Callback):
-        """A NaN or infinite loss ends the run at once, as a failure: nothing after it is a result."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch + 1
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = float((logs or {}).get("loss", 0.0))
-            if not math.isfinite(loss):
-                raise Diverged(f"training diverged: the loss is {loss} at epoch {self.epoch}, batch {batch + 1}; "
-                               f"nothing was written. Lower train.learning_rate (now {train.learning_rate}), "
-                               f"or try another train.lr_schedule, train.optimizer or train.momentum")
+    labels = encode_labels(keras, y, train.loss)
+    guard = DivergenceGuard(keras, model, train.learning_rate, first_batch_loss(keras, model, x, labels, train))
 
     live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
     start, cpu_start = time.perf_counter(), time.process_time()
-    history = model.fit(x, encode_labels(keras, y, train.loss), batch_size=train.batch_size,
+    history = model.fit(x, labels, batch_size=train.batch_size,
                         epochs=train.epochs, shuffle=train.shuffle, verbose=progress_verbosity(sys.stdout),
                         validation_split=train.validation_split,
-                        callbacks=[StopOnNonFinite(), EpochLog(), live_callback(keras, live)])
+                        callbacks=[guard.callback(), EpochLog(), live_callback(keras, live)])
     return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+CHECK_IMAGES = 256  # training images on which the saved classifier is checked against what was trained
+# How far the float32 classifier saved from a mixed_bfloat16 run may answer from the network as trained
+# (bfloat16 products: 8 bits of mantissa): the largest difference in any probability, and the share of
+# the check images read as another digit. Measured on the seed's CNN: see tests/test_train.py.
+BFLOAT16_TOLERANCE = {"max_probability_difference": 0.1, "other_digit_share": 0.02}
+
+
+def in_float32(keras, init, network):
+    """`network`'s architecture and weights, computing in float32 (a mixed-precision network keeps float32
+    weights: nothing is rounded)."""
+    float32 = initial_network(keras, init, "float32")
+    float32.set_weights(network.get_weights())
+    return float32
+
+
+def check_float32(keras, trained, float32, pixels):
+    """Compare the float32 classifier's answers with the mixed-precision one's as trained; refuse past
+    BFLOAT16_TOLERANCE. Returns the measured differences, for the run's details."""
+    expected = keras.ops.convert_to_numpy(trained(pixels, training=False)).astype(np.float64)
+    got = keras.ops.convert_to_numpy(float32(pixels, training=False)).astype(np.float64)
+    check_predictions(got, "the float32 classifier")
+    measured = {"images": len(pixels),
+                "max_probability_difference": round(float(np.abs(got - expected).max()), 6),
+                "other_digit_share": round(float(np.mean(got.argmax(1) != expected.argmax(1))), 6)}
+    if any(measured[key] > limit for key, limit in BFLOAT16_TOLERANCE.items()):
+        raise UserError(f"the float32 classifier answers too far from the bfloat16 network as trained "
+                        f"({measured}; allowed {BFLOAT16_TOLERANCE}); nothing was written. "
+                        f"Set train.precision: float32")
+    return measured
+
+
+def check_predictions(probabilities, what):
+    """Refuse probabilities that are NaN or infinite: weights that ran away, whatever the loss showed."""
+    if not np.isfinite(probabilities).all():
+        raise Diverged(f"training diverged: {what} gives NaN or infinite probabilities; nothing was written. "
+                       f"Lower train.learning_rate, or try another train.lr_schedule, train.optimizer or "
+                       f"train.momentum")
 
 
 ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that classifier.onnx may show from Keras
@@ -365,6 +463,7 @@ def export_onnx(keras, classifier, path, pixels):
     predict then loads classifier.keras, and says so.
     """
     expected = keras.ops.convert_to_numpy(classifier(pixels, training=False))  # also: the exporter wants a call
+    check_predictions(expected, "the trained classifier")
     try:
         with warnings.catch_warnings():  # Keras's tf2onnx shim trips NumPy 2's FutureWarning on np.object
             warnings.simplefilter("ignore", FutureWarning)
@@ -478,13 +577,20 @@ def main(argv=None):
                               fit_size(len(pixels), train.validation_split), precision, features)
         details["replica_devices"] = replica_devices
         details["thread_env"] = thread_env(os.environ)
+        check_images = np.asarray(pixels[:CHECK_IMAGES])
+        if precision != "float32":
+            # what is saved computes in float32 with the trained weights: exact on every CPU, fast where
+            # bfloat16 is emulated, and exportable (ONNX Runtime's CPU kernels take no bfloat16)
+            trained_fitted, model = fitted, in_float32(keras, args.init, model)
+            fitted = classifier(keras, model, table)
+            details["float32_vs_trained"] = check_float32(keras, trained_fitted, fitted, check_images)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             model.save(tmp / "model.keras")
             # the same layers, uncompiled: no optimizer state or training config in the file users load
             final = keras.Model(fitted.input, fitted.output, name=fitted.name)
             final.save(tmp / "classifier.keras")
-            no_onnx = export_onnx(keras, final, tmp / "classifier.onnx", np.asarray(pixels[:256]))
+            no_onnx = export_onnx(keras, final, tmp / "classifier.onnx", check_images)
             (tmp / "params.json").write_text(to_json(
                 {"base": base.model_dump(), "train": declared(train, args.device), "device": args.device,
                  "scaler_md5": data_md5["scaler.json"]},  # evaluate checks it is paired with this one

@@ -141,3 +141,28 @@ def trained(tmp_path_factory):
     keras = import_keras("tensorflow", device="cpu")
     oracle = keras.models.load_model(tmp / "cpu" / "model.keras").predict(arrays["x_test"][:20], verbose=0)
     return tmp / "cpu", raw["x_test"][:20], raw["y_test"][:20], oracle.argmax(axis=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Processed sample data (first 1,000 images) and tiny initial weights in a temp folder."""
+    tmp = tmp_path_factory.mktemp("train")
+    with np.load(SAMPLE) as npz:
+        raw = {name: npz[name][:1000] for name in npz.files}
+    write_processed(tmp / "data", raw)
+    p = write_params(tmp / "params.yaml", tiny_params())
+    from stages import build_init_weights
+    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"),
+                             "--details", str(tmp / "model_details.json"), "--params", str(p)])
+    return tmp
+
+
+def run_train(prepared, tmp_path, device="cpu", **overrides):
+    tmp_path.mkdir(exist_ok=True)
+    p = write_params(tmp_path / "params.yaml", tiny_params(**overrides))
+    out = tmp_path / device
+    from stages import train
+    train.main(["--device", device, "--data", str(prepared / "data"), "--init", str(prepared / "init"),
+                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
+                "--live", str(tmp_path / "live"), "--params", str(p)])
+    return out, json.loads((tmp_path / "d.json").read_text())

@@ -20,9 +20,8 @@ from PIL import Image
 
 from stages import build_init_weights, evaluate, fetch, predict, preprocess, train
 from stages.common import BaseParams, UserError, load_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_train
 from tests.test_pipeline import SCHEMAS
-from tests.test_train import prepared, run_train  # noqa: F401  (the fixture, shared)
 
 SECTIONS = {"base": BaseParams, "fetch": fetch.FetchParams, "preprocess": preprocess.PreprocessParams,
             "model": build_init_weights.ModelParams, "train": train.TrainParams, "evaluate": evaluate.EvaluateParams}
@@ -123,7 +122,7 @@ TRAINABLE = {
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.sets(st.sampled_from(sorted(TRAINABLE)), min_size=1, max_size=4).flatmap(
     lambda keys: st.fixed_dictionaries({k: TRAINABLE[k] for k in keys})))
-def test_accepted_training_options_train_and_refused_ones_are_one_line(prepared, tmp_path_factory, changes):  # noqa: F811
+def test_accepted_training_options_train_and_refused_ones_are_one_line(prepared, tmp_path_factory, changes):
     tmp = tmp_path_factory.mktemp("fuzz_train")
     try:
         _, details = run_train(prepared, tmp, **changes)
@@ -137,7 +136,7 @@ def test_accepted_training_options_train_and_refused_ones_are_one_line(prepared,
 # --- predict -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model(prepared):  # noqa: F811
+def model(prepared):
     return run_train(prepared, prepared / "fuzz_model")[0]
 
 

@@ -10,33 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from stages import build_init_weights, classifier, devices, preprocess, train
+from stages import classifier, devices, preprocess, train
 from stages.common import UserError, import_keras, validate, write_manifest
-from tests.conftest import ROOT, tiny_params, write_params, write_processed
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """Processed sample data (first 1,000 images) and tiny initial weights in a temp folder."""
-    from tests.conftest import SAMPLE
-    tmp = tmp_path_factory.mktemp("train")
-    with np.load(SAMPLE) as npz:
-        raw = {name: npz[name][:1000] for name in npz.files}
-    write_processed(tmp / "data", raw)
-    p = write_params(tmp / "params.yaml", tiny_params())
-    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"),
-                             "--details", str(tmp / "model_details.json"), "--params", str(p)])
-    return tmp
-
-
-def run_train(prepared, tmp_path, device="cpu", **overrides):
-    tmp_path.mkdir(exist_ok=True)
-    p = write_params(tmp_path / "params.yaml", tiny_params(**overrides))
-    out = tmp_path / device
-    train.main(["--device", device, "--data", str(prepared / "data"), "--init", str(prepared / "init"),
-                "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
-                "--live", str(tmp_path / "live"), "--params", str(p)])
-    return out, json.loads((tmp_path / "d.json").read_text())
+from tests.conftest import ROOT, run_train, tiny_params, write_params
 
 
 def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
