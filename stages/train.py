@@ -111,6 +111,12 @@ def check_train(train, backend):
     if backend == "torch" and train.replicas > 1:
         raise UserError(f"params.yaml: train.replicas = {train.replicas}: data parallelism runs on tensorflow "
                         f"(MirroredStrategy) and jax (keras.distribution.DataParallel); set it to 1 for torch")
+    if backend == "tensorflow" and train.replicas > 1 and train.steps_per_execution != 1:
+        # Keras 3.15's multi-step loop under tf.distribute fails at its first call ("You must feed a value
+        # for placeholder tensor"): refused here rather than mid-run
+        raise UserError(f"params.yaml: train.steps_per_execution = {train.steps_per_execution} with "
+                        f"train.replicas = {train.replicas}: Keras on tensorflow runs data parallelism one step "
+                        f"per call; set train.steps_per_execution to 1")
     if train.batch_size % train.replicas:
         raise UserError(f"params.yaml: train.batch_size = {train.batch_size} does not split evenly over "
                         f"train.replicas = {train.replicas}; use a multiple of {train.replicas}")
