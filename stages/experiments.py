@@ -1,6 +1,6 @@
 """experiments: the experiments table in a terminal's width: state, the params that differ, the headline metrics.
 
-    python -m stages.experiments [--md] [--width N] [any option of `dvc exp show`, e.g. -A]
+    python -m stages.experiments [--md] [--width N] [--fail] [any option of `dvc exp show`, e.g. -A]
 
 Reads `dvc exp show --json` and prints one row per experiment (and the
 workspace and the commit they came from): its name, its state (Success,
@@ -11,8 +11,10 @@ did not finish shows no metrics (DVC lists it with the numbers of the
 workspace it was queued from) and, when it failed, the line under it gives the
 one-line reason from its log. Nor does the workspace when `dvc status` finds
 its outputs out of date (after `git checkout params.yaml`, say): its params
-and its numbers would belong to different runs. Not a pipeline stage: a tool
-over DVC.
+and its numbers would belong to different runs. The table fits the terminal
+(120 columns in a log) whatever differs. --fail exits 1 when a listed
+experiment failed: `dvc exp run --run-all` exits 0 even then. Not a pipeline
+stage: a tool over DVC.
 """
 
 import argparse
@@ -128,29 +130,73 @@ def metric_cell(value_and_key):
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def short_names(keys):
+    """Each dotted key by its last part, or as many last parts as make it unique among `keys`."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if sum(other.endswith(tail) and (other == tail or other.endswith("." + tail)) for other in keys) == 1:
+                break
+        names[key] = tail
+    return names
+
+
+def aligned(grid):
+    widths = [max(len(str(c)) for c in column) for column in zip(*grid, strict=True)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in grid]
+
+
 def table(rows, markdown=False, width=120):
-    """The rows as a text table (or Markdown); a row's reason (failed, or out of date) on the line under it."""
+    """The rows as a text table (or Markdown); a row's reason (failed, or out of date) on the line under it.
+
+    Fits in `width` columns whatever differs: the params that differ are
+    columns while they fit (named by the shortest unique end of their key),
+    else each row's params go on a line of their own under it; and a table
+    whose metrics alone are too wide becomes one block of `label value`
+    lines per row.
+    """
     params = differing(rows)
     metrics = list(dict.fromkeys(key for r in rows for key in r["metrics"]))
-    header = ["Experiment", "State", *params, *metrics]
-    body = []
-    for r in rows:
-        name = ("  " * r["depth"]) + r["name"] if not markdown else r["name"]
-        body.append([name, r["state"] or "-", *(param_cell(r["params"].get(k)) for k in params),
-                     *(metric_cell(r["metrics"].get(k)) for k in metrics)])
+    names = [("  " * r["depth"]) + r["name"] if not markdown else r["name"] for r in rows]
+    param_cells = [[param_cell(r["params"].get(k)) for k in params] for r in rows]
+    metric_cells = [[metric_cell(r["metrics"].get(k)) for k in metrics] for r in rows]
     if markdown:
+        header = ["Experiment", "State", *params, *metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        lines += ["| " + " | ".join([n, r["state"] or "-", *pc, *mc]) + " |"
+                  for n, r, pc, mc in zip(names, rows, param_cells, metric_cells, strict=True)]
         reasons = [f"- **{r['name']}** {r['state'].lower()}: {r['reason']}" for r in rows if r["reason"]]
         return "\n".join(lines + ([""] + reasons if reasons else []))
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *body, strict=True)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-             for cells in [header, *body]]
+
+    def under(text, lead="    └ "):
+        return textwrap.wrap(text, width=width, initial_indent=lead, subsequent_indent=" " * len(lead))
+
+    short = short_names(params)
+    for layout in ("columns", "param lines", "blocks"):
+        header = ["Experiment", "State", *([short[k] for k in params] if layout == "columns" else []), *metrics]
+        grid = [header] + [[n, r["state"] or "-", *(pc if layout == "columns" else []), *mc]
+                           for n, r, pc, mc in zip(names, rows, param_cells, metric_cells, strict=True)]
+        lines = aligned(grid)
+        if layout == "blocks" or max(map(len, lines)) <= width:
+            break
+    if layout == "blocks":  # even without the params, the metrics are wider than the terminal
+        out = []
+        for n, r, pc, mc in zip(names, rows, param_cells, metric_cells, strict=True):
+            out.append(f"{n}  {r['state'] or '-'}")
+            cells = [f"{short[k]}={v}" for k, v in zip(params, pc, strict=True)]
+            cells += [f"{k}: {v}" for k, v in zip(metrics, mc, strict=True)]
+            out += under(",  ".join(cells), lead="      ")
+            out += under(r["reason"]) if r["reason"] else []
+        return "\n".join(out)
     out = [lines[0]]
-    for r, line in zip(rows, lines[1:], strict=True):
+    for r, pc, line in zip(rows, param_cells, lines[1:], strict=True):
         out.append(line)
+        if layout == "param lines" and params:
+            out += under("  ".join(f"{short[k]}={v}" for k, v in zip(params, pc, strict=True)), lead="      ")
         if r["reason"]:
-            out += textwrap.wrap(r["reason"], width=width, initial_indent="    └ ", subsequent_indent="      ")
+            out += under(r["reason"])
     return "\n".join(out)
 
 
@@ -167,9 +213,14 @@ def main(argv=None):
     parser.add_argument("--md", action="store_true", help="a Markdown table")
     parser.add_argument("--width", type=int, default=shutil.get_terminal_size((120, 24)).columns,
                         help="wrap failure reasons at this width (default: the terminal's)")
+    parser.add_argument("--fail", action="store_true",
+                        help="exit 1 when a listed experiment failed (`dvc exp run --run-all` exits 0 all the same)")
     args, dvc_args = parser.parse_known_args(argv)
     rows = rows_from(dvc_json("exp", "show", *dvc_args), workspace_changed=bool(dvc_json("status")))
     print(table(rows, markdown=args.md, width=args.width))
+    failed = [r["name"] for r in rows if r["state"] == "Failed"]
+    if args.fail and failed:
+        raise UserError(f"{len(failed)} experiment(s) failed: {', '.join(failed)} (the reason under each above)")
 
 
 if __name__ == "__main__":

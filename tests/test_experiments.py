@@ -44,7 +44,7 @@ def test_rows_say_each_experiments_state_and_never_show_another_runs_numbers(sho
 
 def test_the_table_shows_the_params_that_differ_and_the_headline_in_120_columns(show):
     lines = experiments.table(experiments.rows_from(show)).splitlines()
-    assert lines[0].split() == ["Experiment", "State", "train.optimizer", "cpu", "acc", "cpu", "loss", "cpu", "fit",
+    assert lines[0].split() == ["Experiment", "State", "optimizer", "cpu", "acc", "cpu", "loss", "cpu", "fit",
                                 "s", "weights", "full", "MNIST"]  # the epochs are the same everywhere: not shown
     assert lines[3].split() == ["fond-perp", "Success", "adam", "0.9910", "0.0300", "61.2", "96,844", "yes"]
     assert lines[4].split() == ["sunk-yarn", "Failed", "adagrad", "-", "-", "-", "-", "-"]
@@ -71,3 +71,46 @@ def test_a_workspace_out_of_date_shows_no_numbers(show):
     assert rows["workspace"]["state"] == "Changed" and rows["workspace"]["metrics"] == {}
     assert "`dvc repro` updates them" in rows["workspace"]["reason"]
     assert rows["main (a1b2c3d)"]["metrics"]  # a commit's numbers are its own
+
+
+def many_params(show, n):
+    """Each experiment differs from the others in `n` params with long names."""
+    for i, baseline in enumerate(show):
+        for j, exp in enumerate(baseline.get("experiments") or []):
+            train = exp["revs"][-1]["data"]["params"]["params.yaml"]["data"]["train"]
+            for k in range(n):
+                train[f"a_rather_long_parameter_name_{k}"] = f"value-{i}-{j}-{k}-" + "x" * (k % 7)
+    return show
+
+
+@pytest.mark.parametrize("n, width", [(0, 120), (6, 120), (12, 120), (40, 120), (6, 80), (3, 60)])
+def test_the_table_fits_its_width_whatever_differs(show, n, width):
+    rows = experiments.rows_from(many_params(show, n))
+    lines = experiments.table(rows, width=width).splitlines()
+    assert max(map(len, lines)) <= width, "\n".join(lines)
+    text = "\n".join(lines)
+    for r in rows:  # nothing is dropped: every row, every param that differs, every metric value
+        assert r["name"] in text
+        for key in experiments.differing(rows):
+            assert experiments.param_cell(r["params"].get(key)) in text
+    assert "0.9910" in text and "adagrad" in text
+
+
+def test_params_are_named_by_the_shortest_unique_end_of_their_key():
+    assert experiments.short_names(["train.optimizer", "train.epochs", "train.cpu.onednn", "model.dropout",
+                                    "train.augment.zoom", "model.l2.dense", "train.lr"]) == {
+        "train.optimizer": "optimizer", "train.epochs": "epochs", "train.cpu.onednn": "onednn",
+        "model.dropout": "dropout", "train.augment.zoom": "zoom", "model.l2.dense": "dense", "train.lr": "lr"}
+    assert experiments.short_names(["model.l2.dense", "model.l2.conv", "a.conv"]) == {
+        "model.l2.dense": "dense", "model.l2.conv": "l2.conv", "a.conv": "a.conv"}
+
+
+def test_fail_exits_non_zero_when_a_listed_experiment_failed(show, monkeypatch, capsys):
+    answers = {"exp": show, "status": {}}
+    monkeypatch.setattr(experiments, "dvc_json", lambda *args: answers[args[0]])
+    experiments.main([])  # the table alone: exit 0, as `dvc exp run --run-all` does
+    with pytest.raises(experiments.UserError, match=r"^1 experiment\(s\) failed: sunk-yarn"):
+        experiments.main(["--fail"])
+    assert "sunk-yarn" in capsys.readouterr().out  # the table is printed first
+    show[1]["experiments"].pop(1)  # no failure left
+    experiments.main(["--fail"])

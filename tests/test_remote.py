@@ -317,3 +317,61 @@ def test_a_gpu_host_trains_and_pushes_a_cpu_host_evaluates_its_model_without_tra
     lines = predicted.stdout.splitlines()
     assert [line.split(": ")[0] for line in lines] == [f"{tmp_path / 'digits.npz'}:x[{i}]" for i in range(3)]
     assert sum(int(line.split(": ")[1].split()[0]) == d for line, d in zip(lines, digits, strict=True)) >= 2
+
+
+def readme_blocks(section, language="bash"):
+    """Every ```{language} block under README.md's heading `## {section}` (up to the next `## `), in order."""
+    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [part.split("```", 1)[0] for part in body.split(f"```{language}\n")[1:]]
+
+
+def test_the_readmes_first_two_blocks_share_a_run_as_written(remotes, tmp_path):
+    """A clone whose committed dvc.lock is another CPU's run (its model's hash is not this one's) runs the
+    pipeline, then follows the README's blocks in order: commit the run with the remote, push; a teammate's
+    fresh clone pulls every output and has nothing to run. Substituted: the host, users and key (the local
+    sshd's), the team's repository (a bare one here)."""
+    remote = remote_of(remotes, "ssh")
+    upstream = copy_project(tmp_path / "upstream")
+    git(upstream, "init", "-q")
+    dvc(upstream, "init", "-q")
+    (upstream / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())
+    commit(upstream, "the project")
+    dvc(upstream, "repro")
+    lock = yaml.safe_load((upstream / "dvc.lock").read_text())
+    for out in lock["stages"]["train@cpu"]["outs"]:
+        if out["path"] == "models/cpu":  # the run of another CPU: other bits, another hash
+            out["md5"] = "0123456789abcdef0123456789abcdef.dir"
+    (upstream / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    commit(upstream, "the committed run, made on another CPU")
+    team = tmp_path / "server" / "mnist-cnn.git"  # cloned as mnist-cnn, as the README's URL is
+    team.parent.mkdir()
+    git(tmp_path, "clone", "-q", "--bare", str(upstream), str(team))
+    git(tmp_path, "clone", "-q", str(team), "alice")
+
+    substitutes = {"ssh://host.example.com/srv/dvc/mnist": remote.url, "user alice": f"user {remote.local['user']}",
+                   "user bob": f"user {remote.local['user']}", "~/.ssh/id_ed25519": remote.local["keyfile"],
+                   "https://git.example.com/team/mnist-cnn.git": str(team)}
+    blocks = readme_blocks(SECTION)[:2]
+    assert "git add .dvc/config dvc.lock" in blocks[0] and blocks[1].startswith("git clone ")
+    for key in substitutes:
+        assert key in blocks[0] + blocks[1], key  # the README still says what is substituted
+    outputs = []
+    for where, block in zip((tmp_path / "alice", tmp_path), blocks, strict=True):
+        for key, value in substitutes.items():
+            block = block.replace(key, value)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=where, env=dvc_env(where),
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
+        outputs.append(result.stdout)
+    teammate = tmp_path / "mnist-cnn"
+    assert "Data and pipelines are up to date." in outputs[1]
+    assert [path for path in lock_outs(teammate) if not (teammate / path).exists()] == []
+    assert md5(teammate / "models/cpu/classifier.keras") == md5(tmp_path / "alice/models/cpu/classifier.keras")
+
+    # the recipe before this one committed .dvc/config alone: a clone then has the other CPU's dvc.lock
+    git(tmp_path / "alice", "checkout", "-q", "HEAD~1", "--", "dvc.lock")
+    git(tmp_path / "alice", "commit", "-q", "-m", "the other CPU's dvc.lock again")
+    git(tmp_path / "alice", "push", "-q")
+    stale = clone(team, tmp_path / "stale", remote)
+    failed = dvc(stale, "pull", check=False)
+    assert failed.returncode != 0 and "Checkout failed" in failed.stderr, failed.stderr
