@@ -1,0 +1,120 @@
+"""The README's command blocks: each is run by a test (as written, or with the substitutions its marker
+names), by .ci/run, or is marked as not run with the reason.
+
+Each ```bash or ```python block has, on the line before it, `<!-- run: tests/FILE.py::TEST, ... -->`,
+`<!-- run: .ci/run -->` or `<!-- not run: REASON -->`; this file checks the markers and runs the blocks
+that no other test does.
+"""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.M | re.S)
+MARKER = re.compile(r"<!-- (run|not run): (.+?) -->\n$")
+
+
+def blocks(path=ROOT / "README.md"):
+    """[(marker kind, marker text, block text)] of every bash or python block of `path`, in order."""
+    text = path.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        before = text[:match.start()]
+        marker = MARKER.search(before[before.rfind("\n", 0, len(before) - 1) + 1:])
+        found.append((marker.group(1), marker.group(2)) + (match.group(2),) if marker else (None, None,
+                                                                                           match.group(2)))
+    return found
+
+
+def commands(block):
+    return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip() and line[0] != "#"]
+
+
+def is_subsequence(words, line):
+    it = iter(line)
+    return all(word in it for word in words)
+
+
+def test_every_readme_block_is_run_or_says_why_not():
+    found = blocks()
+    assert len(found) >= 20
+    ci = [line.split() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    for kind, text, block in found:
+        assert kind, f"a block without a run / not run marker:\n{block}"
+        if kind == "not run":
+            assert len(text) > 10, text  # a reason, not a shrug
+            continue
+        for target in re.split(r",\s*", re.sub(r" \(.*\)$", "", text)):
+            if target == ".ci/run":
+                for words in commands(block):  # each command, its words in order, in a line of .ci/run
+                    assert any(is_subsequence(words, line) for line in ci), (words, ".ci/run")
+                continue
+            file, test = target.split("::")
+            source = (ROOT / file).read_text()
+            assert f"def {test}(" in source, target
+            assert "README" in source, f"{file} does not read the README"
+
+
+def test_a_block_without_a_marker_is_found(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- run: .ci/run -->\n```bash\npytest\n```\n\ntext\n\n```bash\ndvc repro\n```\n")
+    assert [kind for kind, _, _ in blocks(page)] == ["run", None]
+
+
+def test_predict_reads_the_example_photos_as_the_readme_says(trained, tmp_path):
+    model = trained[0]
+    block = next(block for kind, text, block in blocks() if "test_predict_reads_the_example_photos" in (text or ""))
+    shutil.copytree(ROOT / "data" / "examples", tmp_path / "data" / "examples",
+                    ignore=shutil.ignore_patterns("*.28x28.png"))
+    line = block.split("  #")[0].strip() + f" --model {model}"
+    result = subprocess.run(["bash", "-c", line.replace("python ", f"{sys.executable} ", 1)], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    answers = dict(re.findall(r"^data/examples/(\S+\.jpg): (\d)", result.stdout, flags=re.M))
+    photos = sorted(p.name for p in (ROOT / "data" / "examples").glob("*.jpg"))
+    assert sorted(answers) == photos
+    assert all((tmp_path / "data" / "examples" / p.replace(".jpg", ".28x28.png")).is_file() for p in photos)
+    # a model trained 2 epochs on the sample: most, not all, photos read right (the README's model reads all)
+    assert sum(answers[p] == p[-5] for p in photos) >= len(photos) - 2, answers
+
+
+ONE_LINE_EXPERIMENTS = [block for kind, text, block in blocks()
+                        if "test_the_readmes_one_line_experiments_run_in_a_tiny_project" in (text or "")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from tests.test_pipeline import make_project
+    return make_project(tmp_path_factory)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("block", ONE_LINE_EXPERIMENTS, ids=lambda b: b.split()[3].split("=")[0])
+def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
+    from tests.test_pipeline import dvc
+    assert len(ONE_LINE_EXPERIMENTS) == 3
+    try:
+        for words in commands(block):
+            assert words[:3] == ["dvc", "exp", "run"], words
+            dvc(project, *words[1:])
+            params = yaml.safe_load((project / "params.yaml").read_text())
+            for setting in [w for i, w in enumerate(words) if words[i - 1] == "-S"]:
+                key, value = setting.split("=", 1)
+                node = params
+                for part in key.split("."):
+                    node = node[part]
+                assert node == yaml.safe_load(value), setting  # the experiment's params, in the workspace
+            metrics = yaml.safe_load((project / "metrics" / "evaluate_cpu.json").read_text())
+            assert metrics["test"]["accuracy"] > 0.2
+            subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
+    finally:
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
+        dvc(project, "checkout", "-f")
