@@ -118,3 +118,19 @@ def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
     finally:
         subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
         dvc(project, "checkout", "-f")
+
+
+def test_the_quick_starts_figures_are_the_recorded_runs():
+    """Each row of the Quick start's table per CPU is a run of bench/default_runs.json, with its commit and date."""
+    import json
+    runs = json.loads((ROOT / "bench" / "default_runs.json").read_text())["runs"]
+    quick = (ROOT / "README.md").read_text().split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in quick.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == len(runs)
+    for row, run in zip(rows, runs, strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[0].startswith(run["cpu"]), (cells[0], run["cpu"])
+        assert cells[1] == f"{run['test_accuracy'] * 100:.2f} %" and cells[2] == str(run["errors"])
+        assert cells[5].startswith(f"{run['commit']}, {run['date']}")
+        if run["fit_time_s"]:
+            assert cells[4].startswith(f"{run['fit_time_s']:.1f} s")
