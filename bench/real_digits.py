@@ -14,7 +14,12 @@ photos), read back, prepared (predict.to_mnist), classified. The groups:
   pen               pen-drawn digits, clean: ten stroke skeletons drawn with a
                     random slant, size, jitter and pen width
   UCI handwriting   scikit-learn's 1,797 handwritten digits (the UCI set, 43
-                    writers, 8x8 at 17 grey levels), enlarged to 64x64
+                    writers, 8x8 at 17 grey levels), enlarged to 64x64, black
+                    on white with a margin
+  UCI handwriting, light on dark
+                    the same digits white on black (MNIST's polarity), filling
+                    the frame as they come: the ink touches it, and covers up
+                    to half the picture
   MNIST as PNG      MNIST's test images written as PNG files (MNIST_NPZ, or
                     Keras's cache; else the committed sample): no regression
 
@@ -171,14 +176,14 @@ def encoded(pixels, fmt, rng=None):
 
 
 def uci_digits():
-    """scikit-learn's UCI handwritten digits (0..16, 8x8) as 64x64 black-on-white scans, and their labels."""
+    """scikit-learn's UCI handwritten digits (0..16, 8x8) enlarged to 64x64, white on black as they come
+    (the digit fills the frame), and their labels."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    scans = [255 - np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((64, 64), Image.BICUBIC))
-             for img in data.images]
-    return [np.pad(s, 16, constant_values=255) for s in scans], data.target
+    return [np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((64, 64), Image.BICUBIC))
+            for img in data.images], data.target
 
 
 def mnist_test():
@@ -196,7 +201,7 @@ def mnist_test():
 def groups(seed=0, per_digit=20):
     """{group: [(file bytes, label)]}: every image as a file, the same each run."""
     rng = np.random.default_rng(seed)
-    out = {"photo: fonts": [], "photo: pen": [], "fonts": [], "pen": [], "UCI handwriting": []}
+    out = {"photo: fonts": [], "photo: pen": [], "fonts": [], "pen": []}
     fonts = list(FONTS)
     for digit in range(10):
         for i in range(per_digit):
@@ -206,8 +211,10 @@ def groups(seed=0, per_digit=20):
             out["pen"].append((encoded(on_white(pen_digit(digit, rng)), "PNG"), digit))
         for font in fonts:
             out["fonts"].append((encoded(on_white(font_digit(digit, font)), "PNG"), digit))
-    scans, labels = uci_digits()
-    out["UCI handwriting"] = [(encoded(s, "PNG"), int(y)) for s, y in zip(scans, labels, strict=False)]
+    digits, labels = uci_digits()
+    out["UCI handwriting"] = [(encoded(np.pad(255 - d, 16, constant_values=255), "PNG"), int(y))  # on white
+                              for d, y in zip(digits, labels, strict=True)]
+    out["UCI handwriting, light on dark"] = [(encoded(d, "PNG"), int(y)) for d, y in zip(digits, labels, strict=True)]
     return out
 
 

@@ -39,6 +39,11 @@ WORK_SIDE = 1024      # larger images are first reduced to this long side: a dig
 PREP_SIDE = 400       # the photo preparation works at this long side (a digit ends at 20 px)
 MIN_CONTRAST = 32     # grey levels between paper and ink, below which there is no digit to read
 MNIST_BORDER = 10     # a 28x28 image whose border is within this of black (or white) is in MNIST's form
+# MNIST's strokes: 2 x area / perimeter of the ink above half strength, as a share of the digit's size (the
+# long side of its box), is 0.14 for the median digit of its training set, 0.165 for the 75th percentile
+STROKE, BOLD = 0.14, 0.165
+MIN_SHARE = 0.1       # of the ink of the marks in the picture, the digit holds at least this (else: specks)
+MAX_SOFTNESS = 0.3    # edges softer than this (edge_softness()) are shading, not ink
 
 
 class NoDigit(UserError):
@@ -62,16 +67,16 @@ def to_mnist(gray):
         mnist = 255.0 - gray if np.median(border) > 127 else gray
         if np.median(np.minimum(border, 255.0 - border)) <= MNIST_BORDER:  # black (or white) paper: MNIST's form
             return mnist
-    crop, box, scale = digit_ink(gray)
+    crop, fringe, box, scale = digit_ink(gray)
     if scale < 1 and max(box[1] - box[0], box[3] - box[2]) < PREP_SIDE / 4:
         # a small digit in a large picture, found at PREP_SIDE: read it again at full size, around where it is
         top, bottom, left, right = (round(v / scale) for v in box)
         pad = max(bottom - top, right - left) // 2
         try:
-            crop = digit_ink(gray[max(0, top - pad):bottom + pad, max(0, left - pad):right + pad])[0]
+            crop, fringe = digit_ink(gray[max(0, top - pad):bottom + pad, max(0, left - pad):right + pad])[:2]
         except NoDigit:
             pass  # what the whole picture showed stands
-    return fit_box(crop)
+    return fit_box(crop, fringe)
 
 
 def reduce(gray, side):
@@ -86,27 +91,61 @@ def reduce(gray, side):
 
 
 def ink_is_dark(gray, rounds=6):
-    """Whether the ink is darker than the paper: the far tail from the paper, its lighting taken out.
+    """Whether the ink is darker than the paper: the far tail from the paper, its lighting taken out."""
+    return paper_pixels(reduce(gray, 64), rounds)[0]
 
-    The lighting is a quadratic surface fitted by least squares to the
-    border (the paper holds it), then to the pixels near the fit (within 2.5
-    robust deviations, both sides: which side the ink is on is the
+
+def paper_pixels(small, rounds=6):
+    """(whether the ink is darker than the paper, which pixels of `small` are paper), in either polarity.
+
+    The lighting is a quadratic surface fitted to the paper of the border
+    ring (ring_paper()), then refitted to every pixel near the fit (within
+    2.5 robust deviations, both sides: which side the ink is on is the
     question), so that a gradient across the page weighs nothing; the ink is
     the side with more mass beyond the noise (a digit may cover 0.1 % of a
-    page: no percentile would reach it).
+    page: no percentile would reach it; a digit filling the frame, over half).
     """
-    small = reduce(gray, 64)
-    ring = max(2, min(small.shape) // 10)
-    border = np.ones(small.shape, bool)
-    border[ring:-ring, ring:-ring] = False
-
     def near(residual, keep):  # both sides: which side the ink is on is the question
         return np.abs(residual) <= 2.5 * deviation(residual[keep]) + 1.0
 
-    _, residual, keep = fit_lighting(small, border, near, rounds)
+    _, residual, keep = fit_lighting(small, ring_paper(small, rounds), near, rounds)
     spread = deviation(residual[keep])
     beyond = 3 * spread + 1.0  # noise reaches this far either way; ink, on its side, much further
-    return np.maximum(0, -residual - beyond).sum() >= np.maximum(0, residual - beyond).sum()
+    dark = np.maximum(0, -residual - beyond).sum() >= np.maximum(0, residual - beyond).sum()
+    return dark, near(residual, keep).reshape(small.shape)
+
+
+def ring_paper(small, rounds=6):
+    """The pixels of `small`'s border ring that are paper: the half of the ring a quadratic surface fits best.
+
+    A digit that touches the frame puts ink on a third of the ring or more,
+    and a least-squares fit to the whole ring would bend to it (a vignette
+    and ink along two sides look alike to it). So the fit is least trimmed
+    squares: refitted to the half of the ring nearest it, from two starts
+    (the ring's median: flat paper; the least-squares fit: a gradient), and
+    of the two the one whose half fits closer wins: the paper, where it holds
+    most of the ring.
+    """
+    ring = max(2, min(small.shape) // 10)
+    border = np.ones(small.shape, bool)
+    border[ring:-ring, ring:-ring] = False
+    terms, values, border = quadratic_terms(small.shape).reshape(-1, 6), small.ravel(), border.ravel()
+
+    def nearer_half(residual):
+        distance = np.abs(residual)
+        return border & (distance <= np.median(distance[border]))
+
+    best = None
+    for start in (np.median(values[border]), terms @ np.linalg.lstsq(terms[border], values[border], rcond=None)[0]):
+        residual = values - start
+        for _ in range(rounds):
+            keep = nearer_half(residual)
+            residual = values - terms @ np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        keep = nearer_half(residual)
+        cost = (residual[keep] ** 2).sum()
+        if best is None or cost < best[0]:
+            best = cost, keep
+    return best[1].reshape(small.shape)
 
 
 def deviation(values):
@@ -140,10 +179,11 @@ def paper(page, rounds=6):
     """The paper's brightness under the lighting, for a page whose ink is dark.
 
     The surface is a quadratic in x and y (a gradient, a vignette), fitted by
-    least squares first to the page's brighter half, then to every pixel not
-    far below the fit: ink lies only below the paper, so only that side is
-    cut, and the paper's noise is measured on the side ink never reaches.
-    Holds with ink on up to half the page (a bold digit filling the frame).
+    least squares first to the pixels paper_pixels() finds to be paper, then
+    to every pixel not far below the fit: ink lies only below the paper, so
+    only that side is cut, and the paper's noise is measured on the side ink
+    never reaches. Holds with ink on over half the page (a bold digit filling
+    the frame) as long as the paper holds most of the border.
     """
     small = reduce(page, 64)
 
@@ -151,20 +191,29 @@ def paper(page, rounds=6):
         above = residual[keep & (residual > 0)]
         return residual > -2.5 * (1.4826 * np.median(above) if above.size else 0.0) - 1.0
 
-    coef, _, _ = fit_lighting(small, small >= np.median(small), not_far_below, rounds)
+    coef, _, _ = fit_lighting(small, paper_pixels(small, rounds)[1], not_far_below, rounds)
     return quadratic_terms(page.shape) @ coef
 
 
 def digit_ink(gray):
-    """A photo or scan -> (the digit's ink, 0 (paper) to 255 (the stroke's core), cropped to the digit;
-    its box (top, bottom, left, right) in the picture reduced to PREP_SIDE; that reduction's scale).
+    """A photo or scan -> (the digit's ink, 0 (paper) to 255 (the stroke's core), cropped to the digit and
+    its fringe; the fringe's width in pixels; the digit's box (top, bottom, left, right) in the picture
+    reduced to PREP_SIDE; that reduction's scale).
 
-    Dark ink on light paper or light on dark (chalk on a board); the paper's
-    lighting is removed (paper()); a light blur takes the camera's noise; the
-    threshold between paper and ink is Otsu's, never below 5 noise
-    deviations; of the ink's connected pieces, the heaviest and those near it
-    are the digit, specks and far marks are dropped. Raises NoDigit when no
-    ink stands out of the noise.
+    Dark ink on light paper or light on dark (chalk on a board), either
+    touching the frame or not; the paper's lighting is removed (paper()); a
+    light blur takes the camera's noise; the threshold between paper and ink
+    is Otsu's, never below 5 noise deviations; of the ink's connected
+    pieces, the heaviest and those near it are the digit, specks and far
+    marks are dropped (digit_pieces()). Then the digit is read again in a
+    frame of its own, its box and a margin of a quarter of its size, paper
+    beyond the picture's edge: how much paper surrounds it, and whether it
+    touches the frame, changes nothing. Its size is that of its ink above
+    the threshold; the grey fringe around it (the strokes' anti-aliased or
+    blurred edges) is kept, not counted. Raises NoDigit when no ink stands
+    out of the noise, when the only marks are specks scattered over the page
+    (digit_pieces()), or when the edges are too soft for ink (shading, a spot
+    of light: edge_softness()).
     """
     from scipy import ndimage
     from skimage.filters import threshold_otsu
@@ -173,14 +222,55 @@ def digit_ink(gray):
     gray = reduce(gray, PREP_SIDE)
     page = gray if ink_is_dark(gray) else 255.0 - gray
     surface = np.maximum(paper(page), 1.0)
-    # light multiplies paper and ink alike: ink is how much light it takes away, a share of the paper's
-    below = ndimage.gaussian_filter(255.0 * (surface - page) / surface, sigma=max(gray.shape) / PREP_SIDE)
-    # the noise, measured where no ink reaches (above the paper); the 1: a clean scan's quantization
+    below = ndimage.gaussian_filter(surface - page, sigma=max(gray.shape) / PREP_SIDE)
+    # the noise in grey levels, measured where no ink reaches (above the paper); the 1: a clean scan's quantization
     noise = 1.4826 * np.median(-below[below < 0]) + 1.0 if (below < 0).any() else 1.0
-    ink = np.maximum(0.0, below)
-    if ink.max() < max(MIN_CONTRAST / 2, 10 * noise):
+    # light multiplies paper and ink alike: ink is how much light it takes away, a share of the paper's; the
+    # noise, the same in grey levels everywhere, is a larger share where the paper is darker
+    relative = 255.0 / surface
+    ink, noise = np.maximum(0.0, below) * relative, noise * relative
+    if not (ink >= np.maximum(MIN_CONTRAST / 2, 10 * noise)).any():
         raise NoDigit("no digit found (no ink stands out of the paper)")
-    threshold = max(threshold_otsu(ink), 5 * noise)
+    kept, held = digit_pieces(ink, np.maximum(threshold_otsu(ink), 5 * noise))
+    if held < MIN_SHARE:
+        raise NoDigit("no digit found (only specks: no mark stands out of the others)")
+    # read again in a frame of its own: the digit's box and a margin, the paper beyond the picture's edge
+    rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+    top, left, height, width = rows[0], cols[0], rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]
+    margin = max(2, round(0.25 * max(height, width)))
+    frame = np.s_[top:top + height + 2 * margin, left:left + width + 2 * margin]
+    ink, first = np.pad(ink, margin)[frame], np.pad(kept, margin)[frame]
+    threshold = np.maximum(threshold_otsu(ink), 5 * np.pad(noise, margin, mode="edge")[frame])
+    pieces, n = ndimage.label(ink > threshold, structure=np.ones((3, 3)))
+    index = np.arange(1, n + 1)
+    mass = ndimage.sum_labels(ink, pieces, index) * (ndimage.maximum(first, pieces, index) > 0)  # the digit's only
+    kept = np.isin(pieces, index[mass >= 0.03 * mass.max()]) if mass.any() else first
+    fringe = min(margin, max(1, round(2 * max(gray.shape) / PREP_SIDE)))  # the strokes' grey edges, kept
+    digit = ndimage.binary_dilation(kept, iterations=fringe)
+    level = np.percentile(ink[kept], 90)
+    inside = np.pad(np.ones(gray.shape, bool), margin, constant_values=False)[frame]  # the window's, in the picture
+    if edge_softness(ink, kept, level, inside) > MAX_SOFTNESS:
+        raise NoDigit("no digit found (only shading: no ink stands out of the paper)")
+    ink = np.pad(np.where(digit, np.clip(ink / level, 0, 1) * 255.0, 0.0), fringe)
+    # the digit's size is its ink's above the threshold: the grey fringe around it is kept, not counted
+    rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1 + 2 * fringe, cols[0]:cols[-1] + 1 + 2 * fringe]
+    top, left = top - margin, left - margin  # the window's corner in the picture
+    return crop, fringe, (top + rows[0], top + rows[-1] + 1, left + cols[0], left + cols[-1] + 1), scale
+
+
+def digit_pieces(ink, threshold):
+    """(The digit's pixels of `ink` above `threshold`: its heaviest connected piece and those near it;
+    their share of the ink of all the pieces the frame does not cut).
+
+    A piece cut by the frame weighs less (a page's edge, a shadow: rarely the
+    digit, though a digit filling the picture is cut too); specks (under 3 %
+    of the heaviest's ink) and far marks are dropped. A digit holds nearly
+    all the ink (a few specks of dust beside it); one speck among a page of
+    them (salt-and-pepper noise) holds next to none.
+    """
+    from scipy import ndimage
+
     pieces, n = ndimage.label(ink > threshold, structure=np.ones((3, 3)))
     index = np.arange(1, n + 1)
     mass = ndimage.sum_labels(ink, pieces, index)
@@ -194,18 +284,41 @@ def digit_ink(gray):
             if mass[i] >= 0.03 * mass[main] and b[0].start < bottom + reach and b[0].stop > top - reach
             and b[1].start < right + reach and b[1].stop > left - reach]
     kept = np.isin(pieces, index[keep])
-    digit = ndimage.binary_dilation(kept, iterations=max(1, round(2 * max(gray.shape) / PREP_SIDE)))
-    level = np.percentile(ink[kept], 90)
-    ink = np.where(digit, np.clip(ink / level, 0, 1) * 255.0, 0.0)
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1), scale
+    return kept, mass[keep].sum() / (mass[~touches].sum() + mass[keep][touches[keep]].sum())
 
 
-def fit_box(crop):
-    """A cropped digit (white on black) -> 28x28: fitted into 20x20 keeping its aspect, centred by mass."""
+def edge_softness(ink, kept, level, inside):
+    """How soft the digit's edges are: the ink's strength over its steepest slope (99th percentile), as a share
+    of the digit's size (the long side of its box).
+
+    A stroke's edge is a few pixels of blur: 0.05 for a sharp scan, 0.13 for
+    an 8x8 scan enlarged, 0.2 for one blurred as much again; light or shade
+    the paper's surface does not follow (a spot of light, a soft shadow)
+    rises over a third of its size or more. The slope is taken after a blur of
+    2 % of the size (noise has steep slopes too), away from the picture's
+    edge (where the window's paper begins). NaN when too little of the digit
+    is away from it to tell.
+    """
+    from scipy import ndimage
+
+    rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+    size = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    sigma = max(1.0, 0.02 * size)
+    slope = np.hypot(*np.gradient(ndimage.gaussian_filter(ink, sigma, mode="nearest")))
+    where = kept & ndimage.binary_erosion(inside, iterations=int(3 * sigma) + 1)
+    return level / max(np.percentile(slope[where], 99), 1e-9) / size if where.any() else np.nan
+
+
+def fit_box(crop, fringe=0):
+    """A cropped digit (white on black) -> 28x28: fitted into 20x20 keeping its aspect, centred by mass.
+
+    `fringe`: pixels of grey edge around the crop's digit, kept but not counted in its size. Strokes bolder
+    than most of MNIST's are first thinned to MNIST's usual width (thin()).
+    """
     from PIL import Image
 
-    scale = BOX / max(crop.shape)
+    crop, fringe = thin(crop, fringe)
+    scale = min(BOX / max(max(crop.shape) - 2 * fringe, 1), (SIDE - 2) / max(crop.shape))  # the fringe fits too
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
     small = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, Image.LANCZOS)).clip(0, 255)
     total = small.sum() or 1.0
@@ -216,6 +329,45 @@ def fit_box(crop):
     out = np.zeros((SIDE, SIDE))
     out[top:top + small.shape[0], left:left + small.shape[1]] = small
     return out
+
+
+def stroke_width(crop, fringe=0):
+    """The strokes' width as a share of the digit's size: 2 x area / perimeter of the ink above half strength."""
+    from scipy import ndimage
+
+    ink = crop > 127.5
+    edge = ink & ~ndimage.binary_erosion(ink)
+    return 2 * ink.sum() / max(edge.sum(), 1) / max(max(crop.shape) - 2 * fringe, 1)
+
+
+def thin(crop, fringe=0):
+    """(crop, fringe) with strokes bolder than BOLD thinned to STROKE, the width of MNIST's (else as given).
+
+    A marker, a bold font, a low-resolution scan enlarged (its strokes spread
+    over whole pixels): MNIST's network has seen few so bold. The ink is
+    eroded (a grey erosion by a disk, its radius the width to take off each
+    side), at 4 times the box's size.
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    width = stroke_width(crop, fringe)
+    if width <= BOLD:
+        return crop, fringe
+    scale = 4 * BOX / max(max(crop.shape) - 2 * fringe, 1)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    work = np.asarray(Image.fromarray(crop.astype(np.float32)).resize(size, Image.LANCZOS), dtype=np.float64)
+    work = work.clip(0, 255)  # no ringing below the paper for the erosion to spread
+    radius = (width - STROKE) * 4 * BOX / 2
+    lower = int(radius)
+    eroded = [ndimage.grey_erosion(work, footprint=disk(r)) for r in (lower, lower + 1)]
+    return eroded[0] + (radius - lower) * (eroded[1] - eroded[0]), fringe * scale
+
+
+def disk(radius):
+    """A disk of whole-pixel radius, as a boolean footprint (radius 0: one pixel)."""
+    ys, xs = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return ys * ys + xs * xs <= radius * radius
 
 
 def flatten_alpha(img):
