@@ -30,8 +30,17 @@ class UserError(Exception):
     One line whatever it quotes: line breaks in it become spaces.
     """
 
+    restorable = True  # under DVC, the last good outputs are worth naming (restore_hint)
+
     def __init__(self, message):
         super().__init__(" ".join(str(message).splitlines()))
+
+
+class Damaged(UserError):
+    """A file a stage reads is not the one its stage wrote: the line gives the repair, and checking out the
+    reading stage's last outputs would not help (DVC's cache may hold the damaged copy)."""
+
+    restorable = False
 
 
 def __getattr__(name):
@@ -104,7 +113,7 @@ def run(main):
         if "tensorflow" in sys.modules:
             quick_exit()
     except UserError as err:
-        sys.exit(f"error: {err}{restore_hint(stage)}")
+        sys.exit(f"error: {err}{restore_hint(stage) if err.restorable else ''}")
     except Interrupted as err:
         signum = err.args[0]
         why = "dvc, which ran this stage, is gone" if _dvc_gone.is_set() else f"interrupted by {signum.name}"
@@ -113,16 +122,43 @@ def run(main):
         sys.exit(128 + signum)
 
 
-def restore_hint(stage, lock="dvc.lock"):
+def restore_hint(stage, lock="dvc.lock", cache=".dvc/cache/files/md5"):
     """How to get a stage's last good outputs back, for the end of its error line; "" outside DVC.
 
     DVC deletes a stage's outputs before it runs it and, when the run fails,
-    leaves dvc.lock naming the last good ones, which its cache still holds:
-    `dvc checkout` puts them back in a second, where a rerun would retrain.
+    leaves dvc.lock naming the last good ones: `dvc checkout` puts back those
+    its cache holds, in a second, where a rerun would retrain; those kept in
+    git instead (`cache: false`: metrics, plots, the report) come back with
+    `git checkout`.
     """
-    if not stage or stage not in locked_stages(Path(os.environ.get("DVC_ROOT", ".")) / lock):
+    root = Path(os.environ.get("DVC_ROOT", "."))
+    if ".dvc/tmp/exps" in root.as_posix():  # a queued experiment's own copy: nothing of the workspace was removed
         return ""
-    return f"; the last good outputs are in DVC's cache: `dvc checkout {stage}` puts them back"
+    outs = (locked_stages(root / lock).get(stage) or {}).get("outs") or [] if stage else []
+    tracked = git_tracked(root, [out["path"] for out in outs])
+    in_git = [out["path"] for out in outs if out["path"] in tracked]
+    cached = [out for out in outs if out["path"] not in tracked and in_cache(out, root / cache)]
+    steps = ([f"dvc checkout {stage}"] if cached else []) + ([f"git checkout -- {' '.join(in_git)}"] if in_git else [])
+    if not steps:
+        return ""
+    return f"; to get its last good outputs back: `{' && '.join(steps)}`"
+
+
+def git_tracked(root, paths):
+    """The paths (files, or folders holding tracked files) that git tracks in `root`; empty without git."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=root, capture_output=True,
+                                timeout=10).stdout.decode(errors="replace").split("\0")
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {path for path in paths if any(f == path or f.startswith(path.rstrip("/") + "/") for f in listed if f)}
+
+
+def in_cache(out, cache):
+    md5 = str(out.get("md5", ""))
+    return len(md5) > 2 and (Path(cache) / md5[:2] / md5[2:]).is_file()
 
 
 def locked_stages(lock):
@@ -142,8 +178,7 @@ def lock_restore_hint(path, lock="dvc.lock", cache=".dvc/cache/files/md5"):
     path = Path(path).as_posix().rstrip("/")
     for stage, record in locked_stages(lock).items():
         for out in record.get("outs") or []:
-            md5 = str(out.get("md5", ""))
-            if out.get("path", "").rstrip("/") == path and (Path(cache) / md5[:2] / md5[2:]).is_file():
+            if out.get("path", "").rstrip("/") == path and in_cache(out, cache):
                 return f"dvc checkout {stage}"
     return None
 
@@ -524,7 +559,7 @@ def check_files(folder, names):
             found = f"{size} bytes" if got is None else f"md5 {got}"
             md5 = want["md5"]
             repair = f"rm -f .dvc/cache/files/md5/{md5[:2]}/{md5[2:]} && dvc repro --single-item -f {stage}"
-            raise UserError(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
+            raise Damaged(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
                             f"DVC's cache may hold the damaged copy: `{repair}`")
     return {name: record["files"][name]["md5"] for name in names}
 

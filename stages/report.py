@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.build_init_weights import ModelParams
-from stages.common import PARAMS_FILE, BaseParams, UserError, atomic_path, load_params, read_json, run
+from stages.common import PARAMS_FILE, BaseParams, Damaged, UserError, atomic_path, load_params, read_json, run
 from stages.preprocess import PreprocessParams
 from stages.train import TrainParams, check_train
 
@@ -47,7 +47,7 @@ def confusion_from_csv(path, stage="evaluate@cpu"):
     except FileNotFoundError:
         raise UserError(f"{path} not found: run `dvc repro` to make it") from None
     except (KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
+        raise Damaged(f"{path} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
                         f"to write it again") from None
     return counts
 
@@ -61,7 +61,7 @@ def read_curves(live_dir, stage="train@cpu"):
                 curves[f"{tsv.parent.name}/{tsv.stem}"] = [float(r[tsv.stem])
                                                            for r in csv.DictReader(f, delimiter="\t")]
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-            raise UserError(f"{tsv} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
+            raise Damaged(f"{tsv} is damaged ({type(err).__name__}: {err}); run `dvc repro --single-item -f {stage}` "
                             f"to write it again") from None
     if not curves:
         raise UserError(f"no per-epoch log in {live_dir}: run `dvc repro` to make it")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from stages import evaluate, predict, train
-from stages.common import UserError, import_keras, lock_restore_hint, restore_hint, validate, write_manifest
+from stages.common import (Damaged, UserError, import_keras, lock_restore_hint, restore_hint, run, validate,
+                           write_manifest)
 from tests.conftest import ROOT, run_train, tiny_params
 
 
@@ -137,16 +138,53 @@ stages:
     outs:
     - path: models/cpu
       md5: 0123456789abcdef0123456789abcdef.dir
+    - path: metrics/train_cpu.json
+      md5: 11111111111111111111111111111111
+  report:
+    outs:
+    - path: reports/report.md
+      md5: 22222222222222222222222222222222
 """
+
+
+def cache_object(root, md5):
+    path = root / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[]")
 
 
 def test_a_failed_stage_under_dvc_says_how_to_get_its_last_outputs_back(tmp_path, monkeypatch):
     (tmp_path / "dvc.lock").write_text(LOCK)
+    cache_object(tmp_path, "0123456789abcdef0123456789abcdef.dir")
+    cache_object(tmp_path, "11111111111111111111111111111111")  # DVC's run cache keeps even git's outputs
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    for path in ("metrics/train_cpu.json", "reports/report.md"):  # cache: false outputs live in git
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("{}")
+    subprocess.run(["git", "add", "metrics", "reports"], cwd=tmp_path, check=True)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert restore_hint("train@cpu") == ("; the last good outputs are in DVC's cache: `dvc checkout train@cpu` "
-                                         "puts them back")
+    # what DVC's cache holds comes back with dvc checkout, what git keeps (cache: false) with git checkout
+    assert restore_hint("train@cpu") == ("; to get its last good outputs back: "
+                                         "`dvc checkout train@cpu && git checkout -- metrics/train_cpu.json`")
+    assert restore_hint("report") == "; to get its last good outputs back: `git checkout -- reports/report.md`"
     assert restore_hint("evaluate@cpu") == ""  # never ran: nothing to get back
     assert restore_hint(None) == ""            # not under DVC: the stage's outputs were never removed
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "run" / "x"))
+    assert restore_hint("train@cpu") == ""     # a queued experiment's copy: the workspace lost nothing
+
+
+def test_a_damaged_input_gives_its_repair_not_a_checkout(tmp_path, monkeypatch, capsys):
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", "train@cpu")
+    monkeypatch.setattr("stages.common.watch_dvc", lambda: None)
+
+    def damaged():
+        raise Damaged("x.npy is damaged; `rm -f … && dvc repro --single-item -f preprocess`")
+
+    with pytest.raises(SystemExit) as exit:
+        run(damaged)
+    assert exit.value.code == "error: x.npy is damaged; `rm -f … && dvc repro --single-item -f preprocess`"
 
 
 def test_predict_names_the_checkout_when_the_model_is_in_dvcs_cache(tmp_path, monkeypatch):
@@ -187,7 +225,7 @@ def file_bytes(folder):
 
 
 def test_a_failed_run_ends_with_the_checkout_that_brings_the_last_model_back(project):
-    from tests.test_pipeline import dvc
+    from tests.test_pipeline import dvc, dvc_env
     before = file_bytes(project / "models" / "cpu")
     committed = (project / "params.yaml").read_text()
     set_param(project, "train.learning_rate", 1e30)
@@ -195,16 +233,18 @@ def test_a_failed_run_ends_with_the_checkout_that_brings_the_last_model_back(pro
         failed = dvc(project, "repro", check=False)
         assert failed.returncode != 0
         line = next(line for line in failed.stderr.splitlines() if line.startswith("error: training diverged"))
-        assert line.endswith("; the last good outputs are in DVC's cache: `dvc checkout train@cpu` puts them back")
+        assert line.endswith("; to get its last good outputs back: "
+                             "`dvc checkout train@cpu && git checkout -- metrics/train_cpu.json`")
         assert not (project / "models" / "cpu").exists()  # DVC removed them before the run
         answer = subprocess.run([sys.executable, "-m", "stages.predict", "data/sample/mnist_sample.npz"], cwd=project,
                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert answer.returncode == 1
         assert answer.stderr.strip() == ("error: models/cpu is not there, but dvc.lock names it and DVC's cache "
                                          "holds it: `dvc checkout train@cpu` puts it back")
-        command = line.rsplit("`dvc ", 1)[1].split("`", 1)[0]
-        dvc(project, *command.split())  # as the line says
+        command = line.rsplit("`", 2)[-2]
+        subprocess.run(["bash", "-c", command], cwd=project, env=dvc_env(project), check=True)  # as the line says
         assert file_bytes(project / "models" / "cpu") == before  # bit for bit
+        assert dvc(project, "status", "train@cpu").stdout.count("changed") <= 1  # only params.yaml's change
     finally:
         (project / "params.yaml").write_text(committed)
 

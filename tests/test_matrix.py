@@ -48,7 +48,7 @@ CPU_FLAGS = {
     "AVX-512 with BF16": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
     "AMX": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"],
 }
-LEARNING_RATES = {"rmsprop": 0.003, "adam": 0.003, "sgd": 0.1}  # each learns the tiny net in 2 short epochs
+LEARNING_RATES = {"rmsprop": 0.003, "adam": 0.003, "sgd": 0.1}  # each learns the tiny net in 3 short epochs
 
 
 def allowed(row):
@@ -117,7 +117,7 @@ def data(tmp_path_factory):
 
 def row_params(row):
     changes = {key: value for key, value in row.items() if key not in ("cpu", "train.augment")}
-    changes.update({"train.learning_rate": LEARNING_RATES[row["train.optimizer"]], "train.epochs": 2,
+    changes.update({"train.learning_rate": LEARNING_RATES[row["train.optimizer"]], "train.epochs": 3,
                     "train.batch_size": 64})
     if row["train.augment"] == "on":
         changes.update({"train.augment.rotation": 10.0, "train.augment.shift": 0.1, "train.augment.zoom": 0.1})

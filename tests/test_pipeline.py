@@ -165,7 +165,8 @@ def test_a_bad_param_fails_repro_with_one_line_and_leaves_nothing_half_written(p
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: params.yaml: train.optimizer = 'adagrad': "
-                      "Input should be 'rmsprop', 'sgd' or 'adam'"], result.stderr
+                      "Input should be 'rmsprop', 'sgd' or 'adam'; to get its last good outputs back: "
+                      "`dvc checkout train@cpu && git checkout -- metrics/train_cpu.json`"], result.stderr
     leftovers = [p for folder in ("data", "models", "metrics", "details", "plots", "reports")
                  if (project / folder).exists()
                  for p in (project / folder).glob(".*") if p.name != ".gitignore"]
