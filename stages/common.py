@@ -137,6 +137,8 @@ def restore_hint(stage, lock="dvc.lock", cache=".dvc/cache/files/md5"):
     outs = (locked_stages(root / lock).get(stage) or {}).get("outs") or [] if stage else []
     tracked = git_tracked(root, [out["path"] for out in outs])
     in_git = [out["path"] for out in outs if out["path"] in tracked]
+    if not all(git_matches(root, out) for out in outs if out["path"] in tracked):
+        in_git = []  # git holds another run's copy (this one's was never staged): it would not match dvc.lock
     cached = [out for out in outs if out["path"] not in tracked and in_cache(out, root / cache)]
     steps = ([f"dvc checkout {stage}"] if cached else []) + ([f"git checkout -- {' '.join(in_git)}"] if in_git else [])
     if not steps:
@@ -154,6 +156,20 @@ def git_tracked(root, paths):
     except (OSError, subprocess.SubprocessError):
         return set()
     return {path for path in paths if any(f == path or f.startswith(path.rstrip("/") + "/") for f in listed if f)}
+
+
+def git_matches(root, out):
+    """Whether git's staged copy of a file output is the one dvc.lock names (folders: not checked)."""
+    import subprocess
+
+    if str(out.get("md5", "")).endswith(".dir"):
+        return True
+    try:
+        blob = subprocess.run(["git", "cat-file", "blob", f":{out['path']}"], cwd=root, capture_output=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return hashlib.md5(blob).hexdigest() == out.get("md5")
 
 
 def in_cache(out, cache):
@@ -184,24 +200,31 @@ def lock_restore_hint(path, lock="dvc.lock", cache=".dvc/cache/files/md5"):
 
 
 _dvc_gone = threading.Event()
+DVC_PROCESS = None  # (pid, start time) of the dvc running this stage, found as early as can be (stages/__init__)
 
 
 def watch_dvc(interval_s=0.5):
-    """End this stage, as SIGTERM would, once the `dvc` process that runs it is gone.
+    """End this stage, as SIGTERM would, once the `dvc` process that runs it is gone (Linux: reads /proc).
 
     Killing `dvc repro` (a closed terminal, a scheduler's SIGTERM) does not stop
     the stage it is running: it would go on and write its outputs behind DVC's
     back, after DVC has recorded nothing of it. DVC runs the stage through a
     shell, which may or may not exec it; the nearest ancestor that is not a
-    shell is DVC. A daemon thread polls it and, once it is gone (its /proc
-    entry gone, or another process with its pid), signals this process.
+    shell is DVC, found when the stage's package is imported (stages/__init__).
+    A daemon thread polls it and, once it is gone (its /proc entry gone, a
+    zombie, or another process with its pid) or this process has another
+    parent, signals this process.
     """
-    pid, started = dvc_ancestor()
+    parent = os.getppid()
+    pid, started = DVC_PROCESS or dvc_ancestor()
     if pid is None:
-        return
+        return  # no /proc: nothing to watch (macOS)
+
+    def gone():
+        return started is None or os.getppid() != parent or process_start(pid) != started
 
     def poll():
-        while process_start(pid) == started:
+        while not gone():
             time.sleep(interval_s)
         _dvc_gone.set()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -213,15 +236,18 @@ SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "fish", "busybox"}
 
 
 def dvc_ancestor():
-    """(pid, start time) of the nearest ancestor that is not a shell; (None, None) where /proc cannot tell."""
+    """(pid, start time) of the nearest ancestor that is not a shell; (1, None) when only init is left (DVC has
+    gone already); (None, None) where /proc cannot tell."""
     pid = os.getppid()
     for _ in range(4):
+        if pid <= 1:
+            return 1, None
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             return None, None
-        if comm not in SHELLS or parent <= 1:
+        if comm not in SHELLS:
             return pid, process_start(pid)
         pid = parent
     return None, None
@@ -251,49 +277,71 @@ TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\
 SHOW_TF_LOGS = "MNIST_TF_LOGS"  # set to 1 to see every line
 
 
+# The filter's own process: it reads the pipe to its end, whatever becomes of the stage (an abort, a crash),
+# so a fatal line is passed on; a write that fails (a closed terminal) drops the text and keeps reading, so
+# the stage never blocks on a full pipe.
+FILTER = """
+import os, re, sys
+noise, out, pending = re.compile(sys.argv[1].encode("latin-1")), sys.stderr.buffer, b""
+def say(text):
+    try:
+        out.write(text)
+        out.flush()
+    except OSError:
+        pass
+while chunk := os.read(0, 65536):
+    *lines, pending = (pending + chunk).split(b"\\n")
+    say(b"".join(line + b"\\n" for line in lines if not noise.match(line)))
+if pending and not noise.match(pending):
+    say(pending)
+"""
+
+
 class QuietStderr:
     """Within the block, lines written to file descriptor 2 that match TF_NOISE are dropped; the rest pass.
 
-    The descriptor is pointed at a pipe that a thread reads, line by line, into
-    the real stderr; leaving the block puts the descriptor back and waits for
-    the thread to pass on all that was written. Off where MNIST_TF_LOGS=1.
+    The descriptor is pointed at a pipe read by a small process of its own,
+    which writes every other line to the real stderr: it outlives this one,
+    so even an abort's last words arrive. Leaving the block puts the
+    descriptor back and waits (10 s at most: a child process of the stage
+    may hold the pipe) for the filter to pass on what was written. Off where
+    MNIST_TF_LOGS=1.
     """
 
     def __enter__(self):
-        self.thread = None
+        import subprocess
+
+        self.filter = None
         if os.environ.get(SHOW_TF_LOGS) == "1":
             return self
         sys.stderr.flush()
-        self.saved = os.dup(2)
         read_end, write_end = os.pipe()
+        try:
+            self.filter = subprocess.Popen([sys.executable, "-S", "-c", FILTER, TF_NOISE.pattern.decode("latin-1")],
+                                           stdin=read_end)
+        finally:
+            os.close(read_end)
+        self.saved = os.dup(2)
         os.dup2(write_end, 2)
         os.close(write_end)
-        self.thread = threading.Thread(target=self._relay, args=(read_end,), name="quiet-stderr", daemon=True)
-        self.thread.start()
         return self
-
-    def _relay(self, read_end):
-        pending = b""
-        with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(65536):
-                *lines, pending = (pending + chunk).split(b"\n")
-                kept = b"".join(line + b"\n" for line in lines if not TF_NOISE.match(line))
-                if kept:
-                    os.write(self.saved, kept)
-        if pending and not TF_NOISE.match(pending):
-            os.write(self.saved, pending)
 
     def __exit__(self, *exc):
         self.stop()
 
     def stop(self):
-        if self.thread is None:
+        import subprocess
+
+        if self.filter is None:
             return
         sys.stderr.flush()
-        os.dup2(self.saved, 2)  # the pipe's last writer closes: the thread reads to its end
-        self.thread.join(timeout=10)
+        os.dup2(self.saved, 2)  # the pipe's last writer here closes: the filter reads to its end and exits
         os.close(self.saved)
-        self.thread = None
+        try:
+            self.filter.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a child of the stage still holds the pipe: the filter goes on passing its lines
+        self.filter = None
 
 
 def quick_exit():

@@ -142,20 +142,25 @@ class Diverged(UserError):
     """The loss or the weights ran away: the run is a failure, not a result."""
 
 
-DIVERGENCE_FACTOR = 1000  # a loss this many times the first batches' ends the run
+DIVERGENCE_FACTOR = 1000  # a loss this many times the initial weights' ends the run
+REFERENCE_IMAGES = 1024   # the training images the initial and final weights' losses are compared on
+PROGRESS = 1e-3           # the least share of that loss a run must take off to have trained at all
 
 
 class DivergenceGuard:
     """Ends a fit as a failure, on every CPU alike, when it runs away.
 
     A loss that is NaN or infinite, or over DIVERGENCE_FACTOR times the
-    initial weights' loss on the first batch, at any report (Keras reports
-    the epoch's running mean once per call: after steps_per_execution
-    batches, by which time a runaway rate has already run away); weights
-    that are NaN or infinite, checked at each epoch's end. Whether a
-    runaway rate gives NaN or a huge finite loss depends on the CPU's kernels
-    (an EPYC with AVX-512 kept the loss at 3.7e30 where others gave NaN), so
-    the guard does not wait for NaN.
+    initial weights' (reference_loss), at any report (Keras reports the
+    epoch's running mean once per call: after steps_per_execution batches,
+    by which time a runaway rate has already run away); weights that are
+    NaN or infinite, checked at each epoch's end; and, at the end, a loss
+    on the reference images that is not at least PROGRESS below the initial
+    weights' (check_progress). Whether a runaway rate gives NaN or a huge
+    finite loss depends on the CPU's kernels (an EPYC with AVX-512 kept the
+    loss at 3.7e30 where others gave NaN) and on the backend (JAX and torch
+    clip probabilities in cross-entropy: a saturated run stays near 16), so
+    the guard waits for neither.
     """
 
     def __init__(self, keras, model, learning_rate, first_loss):
@@ -172,7 +177,7 @@ class DivergenceGuard:
         if not math.isfinite(loss):
             self.fail(f"the loss is {loss}", batch)
         if loss > DIVERGENCE_FACTOR * max(self.first_loss, 1e-3):
-            self.fail(f"the loss is {loss:.3g}, over {DIVERGENCE_FACTOR} times the first batch's "
+            self.fail(f"the loss is {loss:.3g}, over {DIVERGENCE_FACTOR} times the initial weights' "
                       f"{self.first_loss:.3g},", batch)
 
     def check_weights(self):
@@ -373,12 +378,26 @@ def augmented(keras, classifier, augment, seed):
     return keras.Model(pixels, classifier(moved), name="augmented")
 
 
-def first_batch_loss(keras, model, x, labels, train):
-    """The loss of the initial weights on the first batch: the yardstick of DivergenceGuard."""
-    n = train.batch_size
-    probabilities = model(keras.ops.convert_to_tensor(np.asarray(x[:n])), training=False)
-    loss = keras.losses.get(train.loss)(keras.ops.convert_to_tensor(labels[:n]), probabilities)
-    return float(keras.ops.convert_to_numpy(keras.ops.mean(loss)))
+def reference_loss(keras, model, x, labels, loss_name):
+    """The model's loss, as training reports it (penalties included), on the first REFERENCE_IMAGES images."""
+    n, total = min(REFERENCE_IMAGES, len(labels)), 0.0
+    loss = keras.losses.get(loss_name)
+    for start in range(0, n, 256):
+        stop = min(n, start + 256)
+        probabilities = model(keras.ops.convert_to_tensor(np.asarray(x[start:stop])), training=False)
+        per_image = loss(keras.ops.convert_to_tensor(labels[start:stop]), probabilities)
+        total += float(keras.ops.convert_to_numpy(keras.ops.sum(per_image)))
+    penalties = sum(float(keras.ops.convert_to_numpy(term)) for term in model.losses)
+    return total / n + penalties
+
+
+def check_progress(before, after, learning_rate):
+    """A run whose loss on the reference images fell by less than PROGRESS of the initial weights' trained
+    nothing (a rate too small to move the weights, or a run that saturated): a failure, not a result."""
+    if not after < before * (1 - PROGRESS):
+        raise Diverged(f"training made no progress: the loss on the first {REFERENCE_IMAGES} training images is "
+                       f"{after:.4g} after it, {before:.4g} before; nothing was written. Check "
+                       f"train.learning_rate (now {learning_rate}), train.epochs and train.optimizer")
 
 
 def fit(keras, model, x, y, train, live):
@@ -408,7 +427,8 @@ def fit(keras, model, x, y, train, live):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
     labels = encode_labels(keras, y, train.loss)
-    guard = DivergenceGuard(keras, model, train.learning_rate, first_batch_loss(keras, model, x, labels, train))
+    before = reference_loss(keras, model, x, labels, train.loss)
+    guard = DivergenceGuard(keras, model, train.learning_rate, before)
 
     live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -416,7 +436,9 @@ def fit(keras, model, x, y, train, live):
                         epochs=train.epochs, shuffle=train.shuffle, verbose=progress_verbosity(sys.stdout),
                         validation_split=train.validation_split,
                         callbacks=[guard.callback(), EpochLog(), live_callback(keras, live)])
-    return history.history, epoch_s, time.perf_counter() - start, time.process_time() - cpu_start
+    fit_s, fit_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    check_progress(before, reference_loss(keras, model, x, labels, train.loss), train.learning_rate)
+    return history.history, epoch_s, fit_s, fit_cpu_s
 
 
 CHECK_IMAGES = 256  # training images on which the saved classifier is checked against what was trained

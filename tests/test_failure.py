@@ -29,7 +29,7 @@ def guard(first_loss=2.3):
 
 
 @pytest.mark.parametrize("loss, fails", [
-    (2.2, False), (2299.0, False),                 # up to 1,000 times the first batch's loss: still a run
+    (2.2, False), (2299.0, False),                 # up to 1,000 times the initial weights' loss: still a run
     (2301.0, True), (3.7e30, True),                # finite but runaway: what an EPYC with AVX-512 computed
     (float("nan"), True), (float("inf"), True),    # what other CPUs computed for the same params
 ])
@@ -41,6 +41,23 @@ def test_a_runaway_loss_ends_the_run_whether_or_not_it_is_nan(loss, fails):
     with pytest.raises(train.Diverged, match=r"^training diverged: the loss is .* at epoch 2, batch 16; nothing was "
                                              r"written\. Lower train.learning_rate \(now 0.5\)"):
         g.check_loss(loss, batch=16)
+
+
+@pytest.mark.parametrize("after, fails", [(2.3, True), (2.2985, True), (2.0, False), (16.1, True)])
+def test_a_run_that_did_not_lower_its_loss_trained_nothing(after, fails):
+    if not fails:
+        train.check_progress(2.3, after, 0.001)
+        return
+    with pytest.raises(train.Diverged, match=r"^training made no progress: the loss on the first 1024 training "
+                                             r"images is \S+ after it, 2.3 before; nothing was written"):
+        train.check_progress(2.3, after, 0.001)
+
+
+def test_a_rate_too_small_to_move_the_weights_fails_the_run_and_writes_nothing(prepared, tmp_path):
+    # above float32's smallest normal, so accepted; too small to change a float32 weight: nothing trains
+    with pytest.raises(train.Diverged, match=r"^training made no progress: .* Check train.learning_rate \(now 1e-30\)"):
+        run_train(prepared, tmp_path, **{"train.learning_rate": 1e-30})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_weights_that_are_not_finite_end_the_run_at_the_epochs_end():
@@ -139,12 +156,12 @@ stages:
     - path: models/cpu
       md5: 0123456789abcdef0123456789abcdef.dir
     - path: metrics/train_cpu.json
-      md5: 11111111111111111111111111111111
+      md5: 99914b932bd37a50b983c5e7c90ae93b
   report:
     outs:
     - path: reports/report.md
-      md5: 22222222222222222222222222222222
-"""
+      md5: 99914b932bd37a50b983c5e7c90ae93b
+"""  # 99914b…: the md5 of "{}", the files git holds below
 
 
 def cache_object(root, md5):
@@ -156,7 +173,7 @@ def cache_object(root, md5):
 def test_a_failed_stage_under_dvc_says_how_to_get_its_last_outputs_back(tmp_path, monkeypatch):
     (tmp_path / "dvc.lock").write_text(LOCK)
     cache_object(tmp_path, "0123456789abcdef0123456789abcdef.dir")
-    cache_object(tmp_path, "11111111111111111111111111111111")  # DVC's run cache keeps even git's outputs
+    cache_object(tmp_path, "99914b932bd37a50b983c5e7c90ae93b")  # DVC's run cache keeps even git's outputs
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     for path in ("metrics/train_cpu.json", "reports/report.md"):  # cache: false outputs live in git
         (tmp_path / path).parent.mkdir(exist_ok=True)
@@ -169,6 +186,9 @@ def test_a_failed_stage_under_dvc_says_how_to_get_its_last_outputs_back(tmp_path
     assert restore_hint("report") == "; to get its last good outputs back: `git checkout -- reports/report.md`"
     assert restore_hint("evaluate@cpu") == ""  # never ran: nothing to get back
     assert restore_hint(None) == ""            # not under DVC: the stage's outputs were never removed
+    (tmp_path / "metrics/train_cpu.json").write_text('{"fit_time_s": 1.0}')  # another run's, staged
+    subprocess.run(["git", "add", "metrics"], cwd=tmp_path, check=True)
+    assert restore_hint("train@cpu") == "; to get its last good outputs back: `dvc checkout train@cpu`"
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "run" / "x"))
     assert restore_hint("train@cpu") == ""     # a queued experiment's copy: the workspace lost nothing
 
@@ -333,3 +353,24 @@ def test_a_real_tensorflow_error_still_reaches_the_user(tmp_path):
     shown = subprocess.run([sys.executable, "-c", REAL_ERROR], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT), "MNIST_TF_LOGS": "1"})
     assert "oneDNN custom operations" in shown.stderr  # MNIST_TF_LOGS=1 shows everything
+
+
+ABORT = """
+import os
+from stages.common import run
+
+def main():
+    os.write(2, b"I0000 00:00:1.5    42 port.cc:153] oneDNN custom operations are on.\\n")
+    os.write(2, b"F0000 00:00:1.5    42 check.cc:9] Check failed: a fatal TensorFlow line\\n")
+    os.abort()  # as TensorFlow's fatal checks end a process: no Python left to pass anything on
+
+run(main)
+"""
+
+
+def test_a_fatal_line_before_an_abort_still_reaches_the_user():
+    result = subprocess.run([sys.executable, "-c", ABORT], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert result.returncode == -signal.SIGABRT
+    assert "Check failed: a fatal TensorFlow line" in result.stderr
+    assert "oneDNN custom operations" not in result.stderr
