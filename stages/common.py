@@ -131,8 +131,8 @@ def restore_hint(stage, lock="dvc.lock", cache=".dvc/cache/files/md5"):
     git instead (`cache: false`: metrics, plots, the report) come back with
     `git checkout`.
     """
-    root = Path(os.environ.get("DVC_ROOT", "."))
-    if ".dvc/tmp/exps" in root.as_posix():  # a queued experiment's own copy: nothing of the workspace was removed
+    root = Path.cwd()  # DVC runs our stages in the project's root: a queued experiment's in its own copy
+    if ".dvc/tmp/exps" in root.as_posix():  # (DVC_ROOT names the workspace there): the workspace lost nothing
         return ""
     outs = (locked_stages(root / lock).get(stage) or {}).get("outs") or [] if stage else []
     tracked = git_tracked(root, [out["path"] for out in outs])

@@ -6,6 +6,7 @@ either kind of CPU gives, not left to the machine the tests run on.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_a_failed_stage_under_dvc_says_how_to_get_its_last_outputs_back(tmp_path
         (tmp_path / path).parent.mkdir(exist_ok=True)
         (tmp_path / path).write_text("{}")
     subprocess.run(["git", "add", "metrics", "reports"], cwd=tmp_path, check=True)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     # what DVC's cache holds comes back with dvc checkout, what git keeps (cache: false) with git checkout
     assert restore_hint("train@cpu") == ("; to get its last good outputs back: "
                                          "`dvc checkout train@cpu && git checkout -- metrics/train_cpu.json`")
@@ -189,13 +190,15 @@ def test_a_failed_stage_under_dvc_says_how_to_get_its_last_outputs_back(tmp_path
     (tmp_path / "metrics/train_cpu.json").write_text('{"fit_time_s": 1.0}')  # another run's, staged
     subprocess.run(["git", "add", "metrics"], cwd=tmp_path, check=True)
     assert restore_hint("train@cpu") == "; to get its last good outputs back: `dvc checkout train@cpu`"
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "run" / "x"))
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmp1234"  # where DVC runs a queued experiment
+    shutil.copytree(tmp_path, queued, ignore=shutil.ignore_patterns(".dvc"))
+    monkeypatch.chdir(queued)
     assert restore_hint("train@cpu") == ""     # a queued experiment's copy: the workspace lost nothing
 
 
 def test_a_damaged_input_gives_its_repair_not_a_checkout(tmp_path, monkeypatch, capsys):
     (tmp_path / "dvc.lock").write_text(LOCK)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_STAGE", "train@cpu")
     monkeypatch.setattr("stages.common.watch_dvc", lambda: None)
 
