@@ -50,12 +50,25 @@ def tiny_params(**overrides):
     params["train"]["epochs"] = 1
     params["train"]["batch_size"] = 128
     for dotted, value in overrides.items():
-        *path, last = dotted.split(".")
-        node = params
-        for key in path:
-            node = node[key]
-        node[last] = value
+        set_dotted(params, dotted, value)
     return params
+
+
+def set_dotted(params, dotted, value):
+    """params["a"]["b"] = value for the dotted key "a.b", as `dvc exp run -S a.b=value` sets it."""
+    *path, last = dotted.split(".")
+    node = params
+    for key in path:
+        node = node[key]
+    node[last] = value
+
+
+def set_params(repo, **changes):
+    """Change keys of the repository's params.yaml, as a user editing it would."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        set_dotted(params, dotted, value)
+    write_params(repo / "params.yaml", params)
 
 
 def write_raw(folder, raw):

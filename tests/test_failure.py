@@ -18,7 +18,7 @@ import pytest
 from stages import evaluate, predict, train
 from stages.common import (Damaged, UserError, import_keras, lock_restore_hint, restore_hint, run, validate,
                            write_manifest)
-from tests.conftest import ROOT, run_train, tiny_params
+from tests.conftest import ROOT, run_train, set_params, tiny_params
 
 
 def guard(first_loss=2.3):
@@ -232,17 +232,6 @@ def project(tmp_path_factory):
     return make_project(tmp_path_factory)
 
 
-def set_param(project, dotted, value):
-    import yaml
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    *path, last = dotted.split(".")
-    node = params
-    for key in path:
-        node = node[key]
-    node[last] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def file_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -251,7 +240,7 @@ def test_a_failed_run_ends_with_the_checkout_that_brings_the_last_model_back(pro
     from tests.test_pipeline import dvc, dvc_env
     before = file_bytes(project / "models" / "cpu")
     committed = (project / "params.yaml").read_text()
-    set_param(project, "train.learning_rate", 1e30)
+    set_params(project, **{"train.learning_rate": 1e30})
     try:
         failed = dvc(project, "repro", check=False)
         assert failed.returncode != 0
@@ -289,7 +278,7 @@ def stage_processes(project, module):
 def test_sigterm_to_dvc_repro_mid_train_leaves_no_process_and_no_write(project):
     from tests.test_pipeline import dvc, dvc_env
     committed = (project / "params.yaml").read_text()
-    set_param(project, "train.epochs", 200)  # long enough to be caught in the middle
+    set_params(project, **{"train.epochs": 200})  # long enough to be caught in the middle
     try:
         repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(project),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -322,7 +311,7 @@ def test_a_default_repro_prints_no_tensorflow_log_line(project):
     import re
     from tests.test_pipeline import dvc
     committed = (project / "params.yaml").read_text()
-    set_param(project, "base.seed", 7)  # every stage that loads TensorFlow runs again
+    set_params(project, **{"base.seed": 7})  # every stage that loads TensorFlow runs again
     try:
         result = dvc(project, "repro")
         assert "Running stage 'train@cpu'" in result.stdout

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SAMPLE, write_params
+from tests.conftest import ROOT, SAMPLE, set_params
 from tests.test_pipeline import ALL_CPU_STAGES, commit, copy_project, dvc, dvc_env, ran
 
 SECTION = "Sharing results: a DVC remote"  # README.md's
@@ -57,18 +57,6 @@ def git(repo, *args):
 
 def md5(path):
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
-def set_params(repo, **changes):
-    """Change keys of the repository's params.yaml, as a user editing it would."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        *path, last = dotted.split(".")
-        node = params
-        for key in path:
-            node = node[key]
-        node[last] = value
-    write_params(repo / "params.yaml", params)
 
 
 def free_port():
