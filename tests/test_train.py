@@ -455,3 +455,26 @@ def test_replicas_are_refused_where_they_cannot_split(prepared, tmp_path):
                                         r"set train.steps_per_execution to 1$"):
         train.check_train(params, "tensorflow")
     train.check_train(params, "jax")  # the Keras distribution API runs several steps per call
+
+
+@pytest.mark.parametrize("limit_mb", [None, 2048])
+def test_the_gpu_branch_of_device_set_up_as_tensorflow_would_take_it_with_gpus(monkeypatch, limit_mb):
+    """No GPU here: what set_up_device reads from TensorFlow is mocked to show two, and what it sets recorded."""
+    keras = import_keras("tensorflow", device="cpu")  # noqa: F841  (TensorFlow loaded as the stage loads it)
+    import tensorflow as tf
+    settings = validate(tiny_params(**{"train.gpu.memory_limit_mb": limit_mb})["train"], train.TrainParams, "train")
+    from types import SimpleNamespace
+    gpus, done = [SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(2)], []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda gpu, on: done.append(("growth", gpu, on)))
+    monkeypatch.setattr(tf.config, "set_logical_device_configuration", lambda gpu, c: done.append(("limit", gpu)))
+    monkeypatch.setattr(tf.config.experimental, "enable_tensor_float_32_execution",
+                        lambda on: done.append(("tf32", on)))
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda gpu: {"device_name": "Mock H200"})
+    assert devices.set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=2) == "Mock H200"
+    assert ("tf32", False) in done  # float32 means float32
+    expected = [("limit", g) for g in gpus] if limit_mb else [("growth", g, True) for g in gpus]
+    assert [d for d in done if d[0] != "tf32"] == expected
+    with pytest.raises(UserError, match=r"train.replicas = 3 but tensorflow sees 2 GPU device\(s\)"):
+        devices.set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=3)
+    assert devices.device_env("tensorflow", "gpu", settings.gpu) == {"NVIDIA_TF32_OVERRIDE": "0"}
