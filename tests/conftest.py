@@ -31,10 +31,22 @@ def full_mnist_npz(env):
 FULL_MNIST = full_mnist_npz(os.environ)  # found before the tests give themselves their own HOME (git_identity)
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README, then the manual in docs/
+
+
+def doc_section(section):
+    """The text under the heading `## {section}` of README.md or a page of docs/ (up to the next `## `)."""
+    for page in DOCS:
+        text = page.read_text()
+        if f"\n## {section}\n" in text:
+            return text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    raise AssertionError(f"no heading '## {section}' in README.md or docs/")
+
+
 def readme_block(section, language):
-    """The first ```{language} block under README.md's heading `## {section}`: what the tests run as written."""
-    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return body.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+    """The first ```{language} block under the heading `## {section}` (README.md or docs/): what the tests run
+    as written."""
+    return doc_section(section).split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
 def tiny_params(**overrides):

@@ -10,7 +10,7 @@ import yaml
 
 from stages.common import validate
 from stages.train import TrainParams
-from tests.conftest import ROOT
+from tests.conftest import DOCS, ROOT
 
 
 def load_speed():
@@ -39,7 +39,7 @@ def test_the_fast_preset_is_valid_params(tmp_path):
 
 @pytest.mark.parametrize("name", ["fast", "accurate"])
 def test_the_readmes_preset_command_is_the_preset(name):
-    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+    line = next(line for page in DOCS for line in page.read_text().splitlines()
                 if line.strip().startswith(f"dvc exp run -n {name} "))
     words = shlex.split(line.strip())
     pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]

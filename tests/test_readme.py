@@ -1,5 +1,5 @@
-"""The README's command blocks: each is run by a test (as written, or with the substitutions its marker
-names), by .ci/run, or is marked as not run with the reason.
+"""The command blocks of the README and of docs/: each is run by a test (as written, or with the substitutions
+its marker names), by .ci/run, or is marked as not run with the reason.
 
 Each ```bash or ```python block has, on the line before it, `<!-- run: tests/FILE.py::TEST, ... -->`,
 `<!-- run: .ci/run -->` or `<!-- not run: REASON -->`; this file checks the markers and runs the blocks
@@ -15,14 +15,17 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import DOCS, ROOT
 
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.M | re.S)
 MARKER = re.compile(r"<!-- (run|not run): (.+?) -->\n$")
 
 
-def blocks(path=ROOT / "README.md"):
-    """[(marker kind, marker text, block text)] of every bash or python block of `path`, in order."""
+def blocks(path=None):
+    """[(marker kind, marker text, block text)] of every bash or python block of `path` (default: README.md and
+    every page of docs/), in order."""
+    if path is None:
+        return [found for page in DOCS for found in blocks(page)]
     text = path.read_text()
     found = []
     for match in FENCE.finditer(text):
@@ -145,3 +148,20 @@ def test_the_quick_starts_figures_are_the_recorded_runs():
         assert cells[5].startswith(f"{run['commit']}, {run['date']}")
         if run["fit_time_s"]:
             assert cells[4].startswith(f"{run['fit_time_s']:.1f} s")
+
+
+def test_the_readme_is_short_and_every_link_of_it_and_docs_leads_somewhere():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300  # the manual is in docs/
+
+    def slug(heading):
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+    for page in DOCS:
+        text = page.read_text()
+        for target in re.findall(r"\]\((?!https?:)([^)\s]+)\)", text):
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.name}: {target}"
+            if anchor:
+                headings = {slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
+                assert anchor in headings, f"{page.name}: {target}"

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SAMPLE, set_params
+from tests.conftest import ROOT, SAMPLE, doc_section, set_params
 from tests.test_pipeline import ALL_CPU_STAGES, commit, copy_project, dvc, dvc_env, ran
 
-SECTION = "Sharing results: a DVC remote"  # README.md's
+SECTION = "Sharing results: a DVC remote"  # docs/sharing.md's
 pytestmark = pytest.mark.long
 SSHD = Path("/usr/sbin/sshd")
 NO_SSHD = f"{SSHD} not found: install OpenSSH's server (Debian: apt-get install openssh-server; .ci/run does)"
@@ -40,8 +40,7 @@ CACHED = "Stage '{}' is cached - skipping run, checking out outputs"  # what DVC
 def readme_push_run_files():
     """The README's script that sends the files the run records name (`python - <<'EOF'` … `EOF`), as written:
     `dvc push --run-cache` sends only the records, `dvc push` only the workspace's cached outputs."""
-    section = (ROOT / "README.md").read_text().split(f"\n## {SECTION}\n", 1)[1].split("\n## ", 1)[0]
-    return section.split("python - <<'EOF'", 1)[1].split("\n", 1)[1].split("\nEOF\n", 1)[0]
+    return doc_section(SECTION).split("python - <<'EOF'", 1)[1].split("\n", 1)[1].split("\nEOF\n", 1)[0]
 
 
 @dataclass
@@ -308,8 +307,8 @@ def test_a_gpu_host_trains_and_pushes_a_cpu_host_evaluates_its_model_without_tra
 
 
 def readme_blocks(section, language="bash"):
-    """Every ```{language} block under README.md's heading `## {section}` (up to the next `## `), in order."""
-    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    """Every ```{language} block under the heading `## {section}` (up to the next `## `), in order."""
+    body = doc_section(section)
     return [part.split("```", 1)[0] for part in body.split(f"```{language}\n")[1:]]
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import readme_block
 from tests.test_pipeline import dvc, dvc_env, make_project
 
 pytestmark = pytest.mark.long
@@ -56,8 +56,8 @@ def cached(project, md5):
 
 
 def test_a_two_worker_sweep_runs_every_experiment_apart_and_shares_the_cores(project, tmp_path):
-    # the README's second block of Experiments, run as written (the environment as its variables say)
-    block = (ROOT / "README.md").read_text().split("\n## Experiments\n", 1)[1].split("```bash\n")[2].split("```")[0]
+    # docs/experiments.md's block, run as written (the environment as its variables say)
+    block = readme_block("Two experiments at a time", "bash")
     lines = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
     assert lines[0][:4] == ["dvc", "exp", "run", "--queue"] and lines[1][2:] == ["dvc", "queue", "start", "-j", "2"]
     assert dict(word.split("=") for word in lines[1][:2]) == {"TF_NUM_INTRAOP_THREADS": "1",
