@@ -1,7 +1,7 @@
 """CPU against GPU, the seed's question: train@<device> at the seed's settings and the fast preset.
 
-    MNIST_NPZ=/path/to/mnist.npz python bench/devices.py --device gpu --backend jax [--out bench/gpu_jax.json]
-    MNIST_NPZ=/path/to/mnist.npz python bench/devices.py --device cpu --backend tensorflow
+    MNIST_NPZ=/path/to/mnist.npz python -m bench.devices --device gpu --backend jax [--out bench/results/gpu_jax.json]
+    MNIST_NPZ=/path/to/mnist.npz python -m bench.devices --device cpu --backend tensorflow
 
 In a temporary copy of the project, on the full MNIST (it refuses the sample),
 it runs the pipeline's own stages with `python -m` (no DVC needed: a GPU host
@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from bench.speed import copy_project, set_params
+from mnist_cnn.backend import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/devices.py`: make `stages` importable
-from bench.speed import copy_project, set_params  # noqa: E402
-from stages.devices import cpu_model  # noqa: E402
-
-COPY = ["stages", "bench", "data/sample", "params.yaml", "params-fast.yaml"]
+COPY = ["stages", "mnist_cnn", "tools", "bench", "data/sample", "params.yaml", "params-fast.yaml"]
 SETTINGS = ("seed", "fast")
 
 
@@ -79,28 +77,22 @@ def same_weights(a, b):
 
 def epochwise(params_path, device, data, raw, out):
     """The train stage's fit, with the test set evaluated after each epoch (untimed); per-epoch rows to `out`."""
-    from stages.classifier import classifier, standardize_table
-    from stages.common import BaseParams, import_keras, load_params, read_json
-    from stages.devices import cpu_features, device_env, set_up_device
-    from stages.train import (SPARSE_LOSSES, TrainParams, check_train, encode_labels, initial_network, make_optimizer,
-                              resolve_precision)
+    from mnist_cnn.files import read_json
+    from mnist_cnn.model import classifier, initial_network, standardize_table
+    from mnist_cnn.params import BaseParams, TrainParams, check_train, load_params
+    from mnist_cnn.training import compile_model, encode_labels, set_up
 
     params = load_params(params_path, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
-    os.environ.update(device_env(base.backend, device, train.gpu, train.cpu))
-    keras = import_keras(base.backend, device=device)
-    set_up_device(base.backend, device, train.cpu, train.gpu)
-    keras.utils.set_random_seed(base.seed)
+    setup = set_up(base, train, device)  # as the train stage sets up, in the same order
+    keras = setup.keras
     pixels, y = np.load(data / "pixels_train.npy"), np.load(data / "y_train.npy")
     x_test, y_test = np.load(raw / "x_test.npy"), np.load(raw / "y_test.npy")
-    init = Path("models/init")
-    model = initial_network(keras, init, resolve_precision(train.precision, device, cpu_features()))
-    fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
-    accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES
-                else keras.metrics.CategoricalAccuracy)(name="accuracy")
-    steps_per_epoch = -(-len(pixels) // train.batch_size)
-    fitted.compile(optimizer=make_optimizer(keras, train, steps_per_epoch), loss=train.loss, metrics=[accuracy])
+    with setup.in_parallel():
+        model = initial_network(keras, Path("models/init"), setup.precision)
+        fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
+        compile_model(keras, fitted, train, len(pixels))
     rows = []
 
     class Clock(keras.callbacks.Callback):
@@ -139,7 +131,7 @@ def run_setting(work, setting, backend, device, log):
     sh([python, "-m", "stages.evaluate", "--device", device, "--data", "data/processed", "--model", out / "model",
         "--metrics", out / "evaluate.json", "--details", out / "evaluate_details.json",
         "--predictions", out / "p.csv", "--mistakes", out / "m.png", "--params", params], work, log)
-    sh([python, "bench/devices.py", "--epochwise", params, "--device", device, "--out", out / "epochs.json"],
+    sh([python, "-m", "bench.devices", "--epochwise", params, "--device", device, "--out", out / "epochs.json"],
        work, log)
     train = json.loads((out / "train.json").read_text())
     test = json.loads((out / "evaluate.json").read_text())["test"]
@@ -176,7 +168,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.epochwise:
         return epochwise(args.epochwise, args.device, Path("data/processed"), Path("data/raw"), args.out)
-    out = args.out or ROOT / "bench" / f"{args.device}_{args.backend}.json"
+    out = args.out or ROOT / "bench" / "results" / f"{args.device}_{args.backend}.json"
     reference = args.init / "initial.weights.h5"
     if not reference.exists():
         sys.exit(f"bench: {reference} not found: run `dvc repro` (or `dvc pull`) first, or give --init")

@@ -1,6 +1,6 @@
 """The CPU's sustained arithmetic rate through TensorFlow: the ceiling the benchmark measures training against.
 
-    python bench/peak.py [--size 2048] [--out peak.json]
+    python -m bench.peak [--size 2048] [--out peak.json]
 
 Times square matrix products (TensorFlow's oneDNN/Eigen kernels, all cores),
 in float32 and in bfloat16, and reports the best rate of several tries in

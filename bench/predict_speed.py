@@ -1,9 +1,9 @@
 """predict's speed from a cold start, and the ONNX classifier against the Keras one.
 
-    python bench/predict_speed.py [--model models/cpu] [--image data/examples/photo_3.jpg] [--repeats 7]
-        [--out bench/predict.json]
+    python -m bench.predict_speed [--model models/cpu] [--image data/examples/photo_3.jpg] [--repeats 7]
+        [--out bench/results/predict.json]
 
-1. Wall time of `python -m stages.predict IMAGE --model MODEL`, each run a new
+1. Wall time of `python -m tools.predict IMAGE --model MODEL`, each run a new
    process (nothing imported yet: the start a user sees), with the model's
    classifier.onnx (ONNX Runtime), then with the same folder made to lack it
    (Keras and its backend load instead); the median and the worst of
@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.real_digits import mnist_test
+from mnist_cnn.files import write_manifest
+from mnist_cnn.backend import cpu_model
+from mnist_cnn.inference import TrainedClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/predict_speed.py`: make `stages` importable
-from bench.real_digits import mnist_test  # noqa: E402
-from stages.common import write_manifest  # noqa: E402
-from stages.devices import cpu_model  # noqa: E402
-
 TARGET_S = 1.5
 
 
@@ -46,7 +45,7 @@ def keras_only(model, folder):
 
 def cold_start(model, image):
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "stages.predict", str(image), "--model", str(model)],
+    out = subprocess.run([sys.executable, "-m", "tools.predict", str(image), "--model", str(model)],
                          cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if out.returncode:
@@ -59,10 +58,9 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=ROOT / "models/cpu")
     parser.add_argument("--image", type=Path, default=ROOT / "data/examples/photo_3.jpg")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/predict.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/predict.json")
     args = parser.parse_args(argv)
 
-    from stages import predict
 
     with tempfile.TemporaryDirectory() as tmp:
         fallback = keras_only(args.model.resolve(), Path(tmp) / "cpu")
@@ -74,7 +72,7 @@ def main(argv=None):
                 times[name].append(seconds)
                 answers[name] = (answer.split(": ", 1)[1], len(stderr.splitlines()))
         x_test, _, source = mnist_test()
-        onnx, keras = predict.Runtime(args.model), predict.Runtime(fallback)
+        onnx, keras = TrainedClassifier(args.model), TrainedClassifier(fallback)
         worst = float(np.abs(onnx.predict(x_test) - keras.predict(x_test)).max())
         same = bool((onnx.predict(x_test).argmax(1) == keras.predict(x_test).argmax(1)).all())
         runtimes = {"onnx": onnx.name, "keras": keras.name}

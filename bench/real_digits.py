@@ -1,11 +1,11 @@
 """Digits that are not MNIST's: how well predict reads them, per group of images.
 
-    python bench/real_digits.py [--model models/cpu] [--model other/cpu ...] [--out bench/real_digits.json]
+    python -m bench.real_digits [--model models/cpu] [--model other/cpu ...] [--out bench/results/real_digits.json]
         [--examples data/examples]
 
 Makes its images itself, the same ones every run (seeded), and puts each
 through predict's whole path: encoded as a file (PNG, or JPEG for the
-photos), read back, prepared (predict.to_mnist), classified. The groups:
+photos), read back, prepared (to_mnist), classified. The groups:
 
   photo: fonts      typed digits photographed on paper: a tint, uneven light,
                     a vignette, rotation, blur, camera noise, JPEG
@@ -31,14 +31,14 @@ Needs the fonts of Debian's fonts-dejavu-core and fonts-liberation.
 import argparse
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from mnist_cnn.inference import TrainedClassifier
+from mnist_cnn.vision import read_image, to_mnist_or_none, to_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/real_digits.py`: make `stages` importable
 
 FONT_DIR = Path("/usr/share/fonts/truetype")
 FONTS = {  # 12 faces: sans, serif, mono; regular, bold, italic
@@ -220,14 +220,13 @@ def groups(seed=0, per_digit=20):
 
 def prepared(files):
     """Each file through predict's reading and preparation: (N, 28, 28) uint8, and how many had no digit."""
-    from stages import predict
 
     images, none = [], 0
     for data, _ in files:
-        image, no_digit = predict.to_mnist_or_none(predict.read_image(io.BytesIO(data)))
+        image, no_digit = to_mnist_or_none(read_image(io.BytesIO(data)))
         none += image is None
         images.append(np.zeros((28, 28)) if image is None else image)
-    return predict.to_pixels(np.stack(images)), none
+    return to_pixels(np.stack(images)), none
 
 
 def main(argv=None):
@@ -235,7 +234,7 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, action="append", help="a train output folder (repeatable); "
                         "default models/cpu")
     parser.add_argument("--label", action="append", help="a column title per --model, in order (default: the folder)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/real_digits.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/real_digits.json")
     parser.add_argument("--examples", type=Path, help="write a few example photos here")
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit in the generated groups")
     args = parser.parse_args(argv)
@@ -246,8 +245,7 @@ def main(argv=None):
     if MISSING_FONTS:
         raise SystemExit(f"fonts missing: {', '.join(MISSING_FONTS)}; install them: apt-get install {FONT_PACKAGES}")
 
-    from stages import predict
-    from stages.devices import cpu_model
+    from mnist_cnn.backend import cpu_model
 
     start = time.perf_counter()
     files = groups(per_digit=args.per_digit)
@@ -266,7 +264,7 @@ def main(argv=None):
 
     results = {"mnist_source": source, "cpu": cpu_model(), "models": {}}
     for folder, label in zip(models, labels_given, strict=True):
-        runtime = predict.Runtime(folder)
+        runtime = TrainedClassifier(folder)
         row = {}
         for group, (pixels, none) in inputs.items():
             answers = runtime.predict(pixels).argmax(axis=1)

@@ -1,6 +1,6 @@
 """The seed notebook's training, as the notebook writes it: the benchmark's reference.
 
-    python bench/reference.py --data data/processed --init models/init --out result.json [--epochs 5]
+    python -m bench.reference --data data/processed --init models/init --out result.json [--epochs 5]
 
 NumPy arrays straight into model.fit, one-hot labels, rmsprop, batch 64,
 categorical cross-entropy, accuracy, 5 epochs; then model.evaluate on the test
@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, as train@cpu
 
 import keras  # noqa: E402  (after the environment above)
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main(argv=None):

@@ -1,19 +1,19 @@
 """The speed benchmark: our train@cpu against the seed notebook's code, and the pipeline's own overhead.
 
-    MNIST_NPZ=/path/to/mnist.npz python bench/speed.py [--quick] [--repeats 3] [--out bench/results.json]
-    MNIST_NPZ=/path/to/mnist.npz python bench/speed.py --pipeline-only --out bench/pipeline.json
+    MNIST_NPZ=/path/to/mnist.npz python -m bench.speed [--quick] [--repeats 3] [--out bench/results/results.json]
+    MNIST_NPZ=/path/to/mnist.npz python -m bench.speed --pipeline-only --out bench/results/pipeline.json
 
 In a temporary copy of the project, on the full MNIST (it refuses the sample):
   1. a fresh end-to-end `dvc repro` (and each stage's share of it), a no-op
      `dvc repro`, and an evaluate-only params change, each timed;
-  2. the reference (bench/reference.py, the notebook's procedure) and our
+  2. the reference (bench.reference, the notebook's procedure) and our
      train stage at the seed's settings (the default params), from the same
      initial weights and data, alternating A B B A A B ... so that a slow phase
      of the machine, or a place in the order, hits both; medians of fit time, samples/s, peak RSS of the
      training process, and test accuracy of each;
   3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %;
-  4. a training step op by op (bench/step_profile.py), summarized;
-  5. the ceiling: the CPU's matrix-product rate (bench/peak.py, before and
+  4. a training step op by op (bench.step_profile), summarized;
+  5. the ceiling: the CPU's matrix-product rate (bench.peak, before and
      after the runs, the better kept) and the model's training FLOPs
      (details/model.json) give the fit time no code could beat, and each
      run's share of it.
@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 import yaml
+from mnist_cnn.backend import cpu_features, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/speed.py`: make `stages` importable
-from stages.devices import cpu_features, cpu_model  # noqa: E402
-COPY = ["stages", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml", "params-fast.yaml", ".dvcignore"]
+COPY = ["stages", "mnist_cnn", "tools", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml",
+        "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 TARGETS = {"fit_ratio": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800, "fast_fit_s": 12.0,
@@ -128,28 +128,29 @@ def run_ours(work, params, tag, log):
             "test_accuracy": test["accuracy"], "peak_rss_mb": rss, "precision": train["precision"]}
 
 
-def run_script(work, tag, log, script, *args):
-    """A bench/ script that writes its result as JSON to --out; returns (result, peak RSS in MB)."""
+def run_script(work, tag, log, module, *args):
+    """A bench module (`python -m bench.<name>`) that writes its result as JSON to --out; returns (result, peak
+    RSS in MB)."""
     out = work / "bench_runs" / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, rss = sh([sys.executable, script, *args, "--out", out], work, log)
+    _, rss = sh([sys.executable, "-m", module, *args, "--out", out], work, log)
     return json.loads(out.read_text()), rss
 
 
 def run_reference(work, tag, log):
-    result, rss = run_script(work, tag, log, "bench/reference.py", "--data", "data/processed", "--init", "models/init")
+    result, rss = run_script(work, tag, log, "bench.reference", "--data", "data/processed", "--init", "models/init")
     return {"fit_time_s": result["fit_time_s"], "fit_cpu_s": result["fit_cpu_s"],
             "samples_per_s": result["samples_per_s"], "test_accuracy": result["test_accuracy"], "peak_rss_mb": rss}
 
 
 def run_profile(work, log):
     """bench/step_profile.py at the seed's settings in the copy (after its fresh repro): a step, op by op."""
-    return run_script(work, "step_profile", log, "bench/step_profile.py")[0]
+    return run_script(work, "step_profile", log, "bench.step_profile")[0]
 
 
 def profile_summary(profile, top=5):
     """A few lines: the step's time and where it goes (the ops taking most of it, dispatch, input pipeline)."""
-    lines = [f"a step at the seed's settings (bench/step_profile.py, batch {profile['batch_size']}, "
+    lines = [f"a step at the seed's settings (bench.step_profile, batch {profile['batch_size']}, "
              f"oneDNN {'on' if profile['onednn'] else 'off'}): {profile['step_untraced_ms']:.1f} ms; "
              f"no op running {profile['no_op_running_ms']:.1f} ms, input pipeline "
              f"{profile['input_pipeline_ms']:.1f} ms (own threads); the ops taking most of it:"]
@@ -160,7 +161,7 @@ def profile_summary(profile, top=5):
 
 
 def run_peak(work, tag, log):
-    return run_script(work, tag, log, "bench/peak.py")[0]
+    return run_script(work, tag, log, "bench.peak")[0]
 
 
 def ceiling(peaks, train_flops_per_image, images, epochs, fast_epochs):
@@ -249,7 +250,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run of each instead of --repeats")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project copy")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="only the pipeline's timings (step 1, ~3 minutes), printed and written to --out")

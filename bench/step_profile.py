@@ -1,6 +1,6 @@
 """Where a training step's time goes: TensorFlow's profiler over steps of the train stage's fit, per op.
 
-    python bench/step_profile.py [--steps 64] [--params params.yaml] [--out bench/step_profile.json]
+    python -m bench.step_profile [--steps 64] [--params params.yaml] [--out bench/results/step_profile.json]
 
 Run it in the project after `dvc repro` (it reads data/processed and
 models/init, as train@cpu does). It builds what train@cpu fits (the classifier,
@@ -19,17 +19,14 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from mnist_cnn.backend import cpu_model, onednn_enabled
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/step_profile.py`: make `stages` importable
-from stages.devices import cpu_features, cpu_model, onednn_enabled  # noqa: E402
-
 BACKWARD = "gradient_tape"
 
 
@@ -124,28 +121,25 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64,
                         help="steps traced (after 32 of warm-up and the same steps untraced)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "step_profile.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_profile.json")
     parser.add_argument("--top", type=int, default=16, help="op rows printed")
     args = parser.parse_args(argv)
 
-    from stages.classifier import classifier, standardize_table
-    from stages.common import BaseParams, import_keras, load_params, read_json
-    from stages.devices import device_env, set_up_device
-    from stages.train import TrainParams, encode_labels, initial_network, make_optimizer, resolve_precision
+    from mnist_cnn.files import read_json
+    from mnist_cnn.model import classifier, initial_network, standardize_table
+    from mnist_cnn.params import BaseParams, TrainParams, load_params
+    from mnist_cnn.training import compile_model, encode_labels, set_up
 
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
-    if base.backend != "tensorflow":
-        raise SystemExit("bench/step_profile.py reads TensorFlow's profiler: set base.backend to tensorflow")
-    os.environ.update(device_env(base.backend, "cpu", train.gpu, train.cpu))
-    keras = import_keras(base.backend, device="cpu")
+    if base.backend != "tensorflow" or train.replicas != 1:
+        raise SystemExit("bench.step_profile reads TensorFlow's profiler on one device: set base.backend to "
+                         "tensorflow and train.replicas to 1")
+    setup = set_up(base, train, "cpu")  # as the train stage sets up, in the same order
+    keras, features, precision = setup.keras, setup.features, setup.precision
     import tensorflow as tf
 
-    set_up_device(base.backend, "cpu", train.cpu, train.gpu)
-    keras.utils.set_random_seed(base.seed)
     data, init = ROOT / "data" / "processed", ROOT / "models" / "init"
-    features = cpu_features()
-    precision = resolve_precision(train.precision, "cpu", features)
     model = initial_network(keras, init, precision)
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
     warm, n = 32, args.steps * train.batch_size
@@ -154,8 +148,7 @@ def main(argv=None):
         raise SystemExit(f"{len(pixels)} training images: too few for {args.steps} steps of {train.batch_size}; "
                          "lower --steps")
     y = encode_labels(keras, np.load(data / "y_train.npy"), train.loss)
-    fitted.compile(optimizer=make_optimizer(keras, train, args.steps), loss=train.loss,
-                   steps_per_execution=train.steps_per_execution)
+    compile_model(keras, fitted, train, args.steps * train.batch_size)
     fitted.fit(np.asarray(pixels[:warm * train.batch_size]), y[:warm * train.batch_size],
                batch_size=train.batch_size, epochs=1, verbose=0)
     x_traced, y_traced = np.asarray(pixels[-n:]), y[-n:]

@@ -1,6 +1,6 @@
 """A sweep through DVC's queue: one worker with all the cores against two with half each.
 
-    MNIST_NPZ=/path/to/mnist.npz python bench/sweep.py [--experiments 4] [--epochs 1] [--out bench/sweep.json]
+    MNIST_NPZ=/path/to/mnist.npz python -m bench.sweep [--experiments 4] [--epochs 1] [--out bench/results/sweep.json]
 
 In a temporary git + DVC copy of the project, on the full MNIST (it refuses the
 sample), `dvc repro` first with train.epochs = --epochs (not timed). Then,
@@ -27,13 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from bench.speed import ENV, make_project, set_params
+from mnist_cnn.backend import cpu_features, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as `python bench/sweep.py`: make `stages` importable
-from bench.speed import ENV, make_project, set_params  # noqa: E402
-from stages.devices import cpu_features, cpu_model  # noqa: E402
-
-
 def dvc(work, *args, env=ENV):
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -71,7 +68,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiments", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "sweep.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep.json")
     args = parser.parse_args(argv)
     cores = os.cpu_count()
     work = Path(tempfile.mkdtemp(prefix="mnist-sweep-"))

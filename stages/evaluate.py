@@ -17,16 +17,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from pydantic import PositiveInt
+from mnist_cnn import N_CLASSES, SIDE
+from mnist_cnn.backend import import_keras
+from mnist_cnn.errors import UserError
+from mnist_cnn.files import atomic_path, check_files, read_json, write_json
+from mnist_cnn.params import PARAMS_FILE, BaseParams, EvaluateParams, load_params
+from mnist_cnn.stage import run
 
-from stages.common import (PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files,
-                           import_keras, load_params, read_json, run, write_json)
-
-DIGITS = list(range(10))
-
-
-class EvaluateParams(Strict):
-    batch_size: PositiveInt
+DIGITS = list(range(N_CLASSES))
 
 
 def cross_entropy(probs, y):
@@ -93,20 +91,20 @@ def most_confident_mistakes(probs, y, n=25):
 def unstandardize(x, scaler):
     """Standardized (N, 28, 28, 1) images back to 0..255 pixels, with preprocess's scaler.json."""
     flat = x.reshape(len(x), -1) * np.array(scaler["scale"]) + np.array(scaler["mean"])
-    return np.clip(flat, 0, 255).reshape(len(x), 28, 28)
+    return np.clip(flat, 0, 255).reshape(len(x), SIDE, SIDE)
 
 
 def mistakes_png(images, y, probs, indices, path, title, scale=5, cols=5):
     """A grid of the given test images, each captioned below: 'true 4, read 9' and '#index, confidence'.
 
-    Drawn with Pillow, not matplotlib, whose import and layout took 2.3 s of
-    the stage's 6 s after TensorFlow's start; each image is shown at `scale`
+    Drawn with Pillow, not matplotlib, whose import and layout alone took
+    seconds; each image is shown at `scale`
     times its size, pixel for pixel, ink dark on white as in the report.
     """
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=15)  # Pillow's own scalable font: the same on every machine
-    side, pad, caption, top = 28 * scale, 16, 48, 48
+    side, pad, caption, top = SIDE * scale, 16, 48, 48
     width, height = side + 2 * pad, side + caption + 8
     rows = max(1, -(-len(indices) // cols))
     sheet = Image.new("L", (cols * width, top + rows * height + 8), 255)
@@ -160,7 +158,7 @@ def main(argv=None):
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        pixels = np.zeros((len(x), 28, 28))  # only the mistakes shown need their pixels back
+        pixels = np.zeros((len(x), SIDE, SIDE))  # only the mistakes shown need their pixels back
         pixels[wrong] = unstandardize(x[wrong], scaler)
         mistakes_png(pixels, y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")

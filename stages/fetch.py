@@ -23,10 +23,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from pydantic import HttpUrl
-
-from stages.common import (PARAMS_FILE, ROOT, Strict, UserError, atomic_path, load_params, npz_headers, run,
-                           write_json, write_manifest)
+from mnist_cnn import SIDE
+from mnist_cnn.errors import UserError
+from mnist_cnn.files import atomic_path, npz_headers, write_json, write_manifest
+from mnist_cnn.params import PARAMS_FILE, FetchParams, load_params
+from mnist_cnn.stage import run
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # sha256 of array.tobytes() for the published MNIST (60,000 + 10,000 images).
@@ -43,16 +44,10 @@ SAMPLE_SHA256 = {
     "x_test": "bf0a5dd92a823f74c0c51d75fc16b102a64d682eaf980ebb8a0d04995470e7ed",
     "y_test": "f5687b52897b7fff2b9e49a5091adf84fa00322c77d558962f6f5e44c6aa1e04",
 }
+ROOT = Path(__file__).resolve().parent.parent  # the project
 SAMPLE_NPZ = ROOT / "data" / "sample" / "mnist_sample.npz"
 HOW_TO_PROVIDE = ("set MNIST_NPZ=/path/to/mnist.npz, put the file at {cache}, "
                   "or run online so fetch can download {url}")
-
-
-class FetchParams(Strict):
-    url: HttpUrl
-    sha256: str
-    timeout_s: float
-    allow_sample: bool
 
 
 def keras_cache_file(env):
@@ -64,7 +59,7 @@ def keras_cache_file(env):
 # What a Keras-layout mnist.npz may hold: these four uint8 arrays, at most MNIST's sizes. Checked from
 # the zip directory and the .npy headers before any array is read, so a hostile or damaged file is
 # refused in bounded memory and time (a few KB read), whatever sizes it declares.
-SHAPES = {"x_train": (60_000, 28, 28), "y_train": (60_000,), "x_test": (10_000, 28, 28), "y_test": (10_000,)}
+SHAPES = {"x_train": (60_000, SIDE, SIDE), "y_train": (60_000,), "x_test": (10_000, SIDE, SIDE), "y_test": (10_000,)}
 
 
 def load_npz(path, source):

@@ -22,19 +22,14 @@ preprocess.procedure chooses how the data are split and scaled:
 
 import argparse
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from stages.common import (MANIFEST, PARAMS_FILE, BaseParams, Strict, UserError, atomic_path, check_files,
-                           load_params, run, to_json, write_manifest)
-
-IMAGE_SHAPE = (28, 28, 1)
-
-
-class PreprocessParams(Strict):
-    procedure: Literal["published_split", "pooled_resplit"]
-    scaler: Literal["per_pixel", "global"]
+from mnist_cnn import IMAGE_SHAPE
+from mnist_cnn.errors import UserError
+from mnist_cnn.files import MANIFEST, atomic_path, check_files, to_json, write_manifest
+from mnist_cnn.params import PARAMS_FILE, BaseParams, PreprocessParams, load_params
+from mnist_cnn.stage import run
 
 
 def split(raw, procedure, seed):
@@ -61,7 +56,7 @@ def fit_scaler(images, kind="per_pixel"):
     to each of the 784 columns, so that everything downstream (the table
     inside the classifier, scaler.json's formula) is the same code.
     """
-    # imported here, not at the top: report reads PreprocessParams from this module and needs no scikit-learn (1.3 s)
+    # imported here, not at the top: a test imports every stage and fails if scikit-learn (a second) comes with it
     from sklearn.preprocessing import StandardScaler
     flat = images.reshape(len(images), -1).astype(np.float64)
     if kind == "per_pixel":

@@ -1,13 +1,20 @@
-"""Shared fixtures: small real data from the committed sample, and params for tiny runs."""
+"""Shared fixtures: small real data from the committed sample, params for tiny runs, a trained model, and a
+DVC copy of the project (git, `dvc init`, one `dvc repro` on the sample) with the helpers that drive it."""
 
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from hypothesis import settings
+
+from mnist_cnn.params import EvaluateParams, FetchParams, ModelParams, PreprocessParams, TrainParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +92,7 @@ def set_params(repo, **changes):
 
 def write_raw(folder, raw):
     """Save the four arrays as fetch does, with its manifest; return the folder."""
-    from stages.common import write_manifest
+    from mnist_cnn.files import write_manifest
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in raw.items():
         np.save(folder / f"{name}.npy", arr)
@@ -96,7 +103,7 @@ def write_raw(folder, raw):
 def write_processed(folder, raw, procedure="published_split", seed=0):
     """Run preprocess on `raw` and save its arrays and scaler.json in `folder`, as the stage does; return both."""
     from stages import preprocess
-    from stages.common import write_manifest
+    from mnist_cnn.files import write_manifest
     arrays, scaler = preprocess.preprocess(raw, procedure, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
@@ -148,8 +155,9 @@ def trained(tmp_path_factory):
     """A model trained here on the sample (the seed's CNN, 2 epochs: about 95 %), for predict and serve.
 
     (model folder, raw test images, test labels, the network's own predictions on their standardized forms)."""
-    from stages import build_init_weights, train
-    from stages.common import import_keras
+    from stages import build_init_weights
+    from stages import train
+    from mnist_cnn.backend import import_keras
 
     tmp = tmp_path_factory.mktemp("predict")
     with np.load(SAMPLE) as npz:
@@ -191,3 +199,101 @@ def run_train(prepared, tmp_path, device="cpu", **overrides):
                 "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
                 "--live", str(tmp_path / "live"), "--params", str(p)])
     return out, json.loads((tmp_path / "d.json").read_text())
+
+
+# --- a DVC copy of the project, as a user runs it (the end-to-end tests share it) ---
+
+PROJECT_FILES = ["stages", "mnist_cnn", "tools", "dvc.yaml", "data/sample", ".dvcignore", "templates"]
+
+
+ALL_CPU_STAGES = {"fetch", "preprocess", "build_init_weights", "train@cpu", "evaluate@cpu", "report"}
+
+
+def dvc_env(project):
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_NPZ"}
+    env["KERAS_HOME"] = str(project / ".keras_home")  # no Keras cache: fetch falls back to the sample
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages' `python` is ours
+    env.pop("SSH_AUTH_SOCK", None)  # an SSH remote (tests/test_remote.py) logs in with the test's key, no agent's
+    return env
+
+
+def dvc(project, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(project),
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed in {project}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran(result):
+    """Names of the stages that actually ran (not skipped, not restored from DVC's run cache)."""
+    return set(re.findall(r"^Running stage '([^']+)'", result.stdout, flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
+    return make_project(tmp_path_factory)
+
+
+def copy_project(folder):
+    """The project's files the pipeline needs, copied into `folder`, with tiny params; returns `folder`."""
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, folder / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    write_params(folder / "params.yaml", tiny_params())
+    return folder
+
+
+def make_project(tmp_path_factory):
+    """The project fixture's folder (other test modules make their own with it)."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's: plots page, no analytics
+    commit(project, "the project, as cloned")  # DVCLive fails in a git repo without commits
+    first = dvc(project, "repro")
+    assert ran(first) == ALL_CPU_STAGES, first.stdout
+    assert "NOT THE FULL MNIST" in first.stderr  # the fallback is loud
+    commit(project, "baseline run")
+    return project
+
+
+def commit(project, message):
+    """A commit as the tests' own git identity (conftest.git_identity), as `dvc exp run` makes them."""
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=project, check=True)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (Debian: apt-get install chromium)")
+
+
+# Which params sections each stage reads (None: the section is read, its schema checked by another stage)
+SCHEMAS = {
+    "fetch": {"fetch": FetchParams},
+    "preprocess": {"base": None, "preprocess": PreprocessParams},
+    "build_init_weights": {"base": None, "model": ModelParams},
+    "train": {"base": None, "train": TrainParams},
+    "evaluate": {"base": None, "evaluate": EvaluateParams},
+    "report": {"base": None, "preprocess": None, "model": None, "train": None},
+}
+
+
+# A test that drives a DVC copy of the project (the `project` fixture: git, `dvc init`, a `dvc repro`) runs
+# what a user runs, end to end: it is behind the e2e marker, as the modules that start sshd or a browser are,
+# and as every test marked long (a minute or more: two devices, the queue) is.
+END_TO_END_FIXTURES = {"project", "origin"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("long"):
+            item.add_marker(pytest.mark.e2e)

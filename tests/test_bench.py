@@ -1,6 +1,5 @@
 """The benchmark's pieces that can be checked without timing anything (it asserts no timing)."""
 
-import importlib.util
 import re
 import shlex
 import sys
@@ -8,16 +7,15 @@ import sys
 import pytest
 import yaml
 
-from stages.common import validate
-from stages.train import TrainParams
+from mnist_cnn.params import validate
+from mnist_cnn.params import TrainParams
 from tests.conftest import DOCS, ROOT
 
 
 def load_speed():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import speed
+
+    return speed
 
 
 def preset(name):
@@ -105,8 +103,9 @@ def test_the_profile_summary_names_the_step_and_its_largest_ops():
 
 
 def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
-    from stages.build_init_weights import ModelParams, count_weights
-    from stages.preprocess import PreprocessParams
+    from mnist_cnn.params import ModelParams
+    from mnist_cnn.model import count_weights
+    from mnist_cnn.params import PreprocessParams
 
     speed = load_speed()
     params = tmp_path / "params.yaml"
@@ -121,10 +120,9 @@ def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp
 
 
 def load_profile():
-    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "step_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import step_profile
+
+    return step_profile
 
 
 def test_the_profile_reads_ops_to_layers_and_flops():
@@ -153,7 +151,8 @@ def test_the_profile_counts_overlapping_ops_once():
 
 
 def test_no_script_shadows_a_standard_module():
-    # `python bench/x.py` puts bench/ first on sys.path: a bench/profile.py made torch's
+    # Run as a script, a file's folder comes first on sys.path: a bench/profile.py once made torch's
     # `import cProfile` load it instead of the standard library's profile (seen on the GPU host).
-    scripts = {path.stem for folder in ("bench", "stages") for path in (ROOT / folder).glob("*.py")}
+    scripts = {path.stem for folder in ("bench", "stages", "tools", "mnist_cnn")
+               for path in (ROOT / folder).glob("*.py")}
     assert not scripts & set(sys.stdlib_module_names)

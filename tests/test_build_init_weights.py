@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -7,26 +8,30 @@ import pytest
 import yaml
 
 from stages import build_init_weights as biw
-from stages.common import UserError, import_keras, validate
+from mnist_cnn.errors import UserError
+from mnist_cnn.backend import import_keras
+from mnist_cnn.params import validate
 from tests.conftest import ROOT, tiny_params, write_params
+from mnist_cnn.model import build_model, count_weights, describe, initial_weights, train_flops
+from mnist_cnn.params import L2Params, ModelParams, check_architecture
 
 
 def default_model():
-    return validate(yaml.safe_load((ROOT / "params.yaml").read_text())["model"], biw.ModelParams, "model")
+    return validate(yaml.safe_load((ROOT / "params.yaml").read_text())["model"], ModelParams, "model")
 
 
 def test_the_seed_architecture_has_96844_weights():
     model = default_model()
-    assert biw.count_weights(model) == 96_844
-    assert biw.describe(model) == "conv32(3x3,pool2) conv64(3x3,pool2) conv64(3x3) dense70 softmax"
-    assert biw.check_architecture(model) == 3  # last feature map 3x3 (3*3*64 = 576 into Flatten)
+    assert count_weights(model) == 96_844
+    assert describe(model) == "conv32(3x3,pool2) conv64(3x3,pool2) conv64(3x3) dense70 softmax"
+    assert check_architecture(model) == 3  # last feature map 3x3 (3*3*64 = 576 into Flatten)
 
 
 def test_training_flops_per_image_of_the_seed_architecture():
     forward = {  # 2 x multiply-adds, layer by layer: output side^2 x kernel^2 x in x out channels
         "conv1": 2 * 26 ** 2 * 9 * 1 * 32, "conv2": 2 * 11 ** 2 * 9 * 32 * 64, "conv3": 2 * 3 ** 2 * 9 * 64 * 64,
         "dense1": 2 * 576 * 70, "output": 2 * 70 * 10}
-    assert biw.train_flops(default_model()) == 3 * sum(forward.values()) == 16_786_536  # the issue's 16.8 M
+    assert train_flops(default_model()) == 3 * sum(forward.values()) == 16_786_536  # the issue's 16.8 M
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -39,9 +44,9 @@ def test_training_flops_per_image_of_the_seed_architecture():
 def test_keras_agrees_with_the_count_from_params(conv, dense, batch_norm):
     model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid",
                       "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3, "batch_norm": batch_norm},
-                     biw.ModelParams, "model")
+                     ModelParams, "model")
     keras = import_keras("tensorflow", device="cpu")
-    assert biw.build_model(keras, model).count_params() == biw.count_weights(model)
+    assert build_model(keras, model).count_params() == count_weights(model)
 
 
 def shrinking(kernel, pool):
@@ -57,7 +62,7 @@ def shrinking(kernel, pool):
 def test_feature_maps_below_1x1_are_refused_naming_the_key(kernel, pool, key):
     """When the section is read (the rule is the section's own: report, which reads it too, sees it)."""
     with pytest.raises(UserError, match=rf"model\.conv_blocks\.{key} = \d+: the feature map is only \dx\d"):
-        validate(shrinking(kernel, pool), biw.ModelParams, "model")
+        validate(shrinking(kernel, pool), ModelParams, "model")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -86,8 +91,8 @@ def test_bad_model_params_are_one_line_errors(tmp_path, change, message):
 def test_l2_and_dropout_add_penalties_and_layers_but_no_weights():
     keras = import_keras("tensorflow", device="cpu")
     plain = default_model()
-    regular = plain.model_copy(update={"l2": biw.L2Params(conv=0.001, dense=0.01), "dropout": 0.25})
-    a, b = biw.build_model(keras, plain), biw.build_model(keras, regular)
+    regular = plain.model_copy(update={"l2": L2Params(conv=0.001, dense=0.01), "dropout": 0.25})
+    a, b = build_model(keras, plain), build_model(keras, regular)
     assert a.count_params() == b.count_params() == 96_844
     assert [layer.name for layer in b.layers if "dropout" in layer.name] == ["dense1_dropout", "output_dropout"]
     assert len(a.losses) == 0 and len(b.losses) == 5  # one L2 penalty per kernel: 3 conv, 2 dense
@@ -96,13 +101,13 @@ def test_l2_and_dropout_add_penalties_and_layers_but_no_weights():
 
 
 def test_initial_weights_are_glorot_uniform_and_zero_biases():
-    w = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
+    w = initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
     limit = np.sqrt(6 / (9 * 1 + 9 * 32))
     assert w[0].dtype == np.float32 and np.abs(w[0]).max() <= limit and np.abs(w[0]).max() > 0.9 * limit
     assert not w[1].any()
     assert abs(w[2].std() - np.sqrt(6 / (576 + 70)) / np.sqrt(3)) < 0.002  # std of U(-l, l) is l/sqrt(3)
-    again = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
-    other = biw.initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=1)
+    again = initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=0)
+    other = initial_weights([(3, 3, 1, 32), (32,), (576, 70)], seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(w, again, strict=True))
     assert not np.array_equal(w[0], other[0])
 
@@ -115,9 +120,14 @@ def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
     keras = import_keras("tensorflow", device="cpu")
     model = keras.models.model_from_json((out / "model.json").read_text())
     model.load_weights(out / "initial.weights.h5")
-    expected = biw.initial_weights([tuple(w.shape) for w in model.weights], seed=tiny_params()["base"]["seed"])
+    expected = initial_weights([tuple(w.shape) for w in model.weights], seed=tiny_params()["base"]["seed"])
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), expected, strict=True))
-    assert "| **total** |" in (out / "summary.md").read_text()
+    layers = json.loads((tmp_path / "d.json").read_text())["layer_table"]  # the data the report renders
+    assert [layer["layer"] for layer in layers] == [layer.name for layer in model.layers]
+    assert sum(layer["weights"] for layer in layers) == model.count_params()
+    summary = (out / "summary.md").read_text()  # the same data, as Markdown
+    assert f"| **total** |  |  | **{model.count_params():,}** |" in summary
+    assert all(f"| {layer['layer']} | {layer['type']} | {layer['output_shape']} |" in summary for layer in layers)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)")
@@ -158,4 +168,4 @@ def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_pat
     seed = keras.models.model_from_json((tmp_path / "plain" / "model.json").read_text())
     seed.load_weights(tmp_path / "plain" / "initial.weights.h5")
     assert np.array_equal(seed.get_layer("conv2").kernel.numpy(), model.get_layer("conv2").kernel.numpy())
-    assert "batchnorm" in biw.describe(validate(params["model"], biw.ModelParams, "model"))
+    assert "batchnorm" in describe(validate(params["model"], ModelParams, "model"))

@@ -28,7 +28,7 @@ def test_precision_and_recall_agree_with_scikit_learn():
 
 
 def test_cross_entropy_matches_keras():
-    from stages.common import import_keras
+    from mnist_cnn.backend import import_keras
     keras = import_keras("tensorflow", device="cpu")
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(10), size=50)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from stages import experiments
+from tools import experiments
+from mnist_cnn.errors import UserError
 
 
 def rev(name, optimizer, accuracy, error=None):
@@ -109,7 +110,7 @@ def test_fail_exits_non_zero_when_a_listed_experiment_failed(show, monkeypatch, 
     answers = {"exp": show, "status": {}}
     monkeypatch.setattr(experiments, "dvc_json", lambda *args: answers[args[0]])
     experiments.main([])  # the table alone: exit 0, as `dvc exp run --run-all` does
-    with pytest.raises(experiments.UserError, match=r"^1 experiment\(s\) failed: sunk-yarn"):
+    with pytest.raises(UserError, match=r"^1 experiment\(s\) failed: sunk-yarn"):
         experiments.main(["--fail"])
     assert "sunk-yarn" in capsys.readouterr().out  # the table is printed first
     show[1]["experiments"].pop(1)  # no failure left

@@ -15,16 +15,24 @@ import time
 import numpy as np
 import pytest
 
-from stages import evaluate, predict, train
-from stages.common import (Damaged, UserError, import_keras, lock_restore_hint, restore_hint, run, validate,
-                           write_manifest)
+from stages import evaluate
+from mnist_cnn.errors import Damaged, UserError
+from mnist_cnn.backend import import_keras
+from mnist_cnn.stage import lock_restore_hint, restore_hint, run
+from mnist_cnn.params import validate
+from mnist_cnn.files import write_manifest
 from tests.conftest import ROOT, run_train, set_params, tiny_params
+from mnist_cnn.inference import TrainedClassifier
+from mnist_cnn.model import classifier, initial_network
+from mnist_cnn.params import TrainParams
+from mnist_cnn.training import (BFLOAT16_TOLERANCE, CHECK_IMAGES, ONNX_TOLERANCE, Diverged, DivergenceGuard,
+                                check_predictions, check_progress)
 
 
 def guard(first_loss=2.3):
     keras = import_keras("tensorflow", device="cpu")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
-    g = train.DivergenceGuard(keras, model, 0.5, first_loss)
+    g = DivergenceGuard(keras, model, 0.5, first_loss)
     g.epoch = 2
     return g, model
 
@@ -39,7 +47,7 @@ def test_a_runaway_loss_ends_the_run_whether_or_not_it_is_nan(loss, fails):
     if not fails:
         g.check_loss(loss, batch=16)
         return
-    with pytest.raises(train.Diverged, match=r"^training diverged: the loss is .* at epoch 2, batch 16; nothing was "
+    with pytest.raises(Diverged, match=r"^training diverged: the loss is .* at epoch 2, batch 16; nothing was "
                                              r"written\. Lower train.learning_rate \(now 0.5\)"):
         g.check_loss(loss, batch=16)
 
@@ -47,16 +55,16 @@ def test_a_runaway_loss_ends_the_run_whether_or_not_it_is_nan(loss, fails):
 @pytest.mark.parametrize("after, fails", [(2.3, True), (2.2985, True), (2.0, False), (16.1, True)])
 def test_a_run_that_did_not_lower_its_loss_trained_nothing(after, fails):
     if not fails:
-        train.check_progress(2.3, after, 0.001)
+        check_progress(2.3, after, 0.001)
         return
-    with pytest.raises(train.Diverged, match=r"^training made no progress: the loss on the first 1024 training "
+    with pytest.raises(Diverged, match=r"^training made no progress: the loss on the first 1024 training "
                                              r"images is \S+ after it, 2.3 before; nothing was written"):
-        train.check_progress(2.3, after, 0.001)
+        check_progress(2.3, after, 0.001)
 
 
 def test_a_rate_too_small_to_move_the_weights_fails_the_run_and_writes_nothing(prepared, tmp_path):
     # above float32's smallest normal, so accepted; too small to change a float32 weight: nothing trains
-    with pytest.raises(train.Diverged, match=r"^training made no progress: .* Check train.learning_rate \(now 1e-30\)"):
+    with pytest.raises(Diverged, match=r"^training made no progress: .* Check train.learning_rate \(now 1e-30\)"):
         run_train(prepared, tmp_path, **{"train.learning_rate": 1e-30})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
@@ -66,23 +74,23 @@ def test_weights_that_are_not_finite_end_the_run_at_the_epochs_end():
     g.check_weights()  # finite: nothing to say
     kernel = model.get_layer("dense").kernel
     kernel.assign(np.where(np.eye(3, 2) > 0, np.nan, 0.0).astype("float32"))
-    with pytest.raises(train.Diverged, match=r"weight \S*dense/kernel holds NaN or infinite values at the end of "
+    with pytest.raises(Diverged, match=r"weight \S*dense/kernel holds NaN or infinite values at the end of "
                                              r"epoch 2"):
         g.check_weights()
 
 
 def test_nan_probabilities_are_a_diverged_run_not_an_export_bug():
-    train.check_predictions(np.full((2, 10), 0.1), "x")
-    with pytest.raises(train.Diverged, match=r"training diverged: the trained classifier gives NaN or infinite "
+    check_predictions(np.full((2, 10), 0.1), "x")
+    with pytest.raises(Diverged, match=r"training diverged: the trained classifier gives NaN or infinite "
                                              r"probabilities; nothing was written"):
-        train.check_predictions(np.array([[0.5, np.nan]]), "the trained classifier")
+        check_predictions(np.array([[0.5, np.nan]]), "the trained classifier")
 
 
 @pytest.mark.parametrize("rate", [1e-320, 1e-39, 1e-38])
 def test_a_learning_rate_that_cannot_train_is_refused_before_any_work(rate):
     with pytest.raises(UserError, match=r"train.learning_rate = \S+ is below float32's smallest normal number"):
-        validate(tiny_params(**{"train.learning_rate": rate})["train"], train.TrainParams, "train")
-    validate(tiny_params(**{"train.learning_rate": 2e-38})["train"], train.TrainParams, "train")  # the floor
+        validate(tiny_params(**{"train.learning_rate": rate})["train"], TrainParams, "train")
+    validate(tiny_params(**{"train.learning_rate": 2e-38})["train"], TrainParams, "train")  # the floor
 
 
 def test_accuracy_no_better_than_the_most_frequent_digit_is_learning_nothing():
@@ -121,27 +129,28 @@ def test_a_bfloat16_run_exports_and_its_onnx_answers_match_keras(prepared, tmp_p
     out, details = run_train(prepared, tmp_path, **{"train.precision": "mixed_bfloat16", "train.epochs": 2})
     assert details["precision"] == "mixed_bfloat16"
     measured = details["float32_vs_trained"]
-    assert measured["images"] == train.CHECK_IMAGES
-    assert all(measured[key] <= limit for key, limit in train.BFLOAT16_TOLERANCE.items()), measured
+    assert measured["images"] == CHECK_IMAGES
+    assert all(measured[key] <= limit for key, limit in BFLOAT16_TOLERANCE.items()), measured
     keras = import_keras("tensorflow", device="cpu")
     saved = keras.models.load_model(out / "classifier.keras")
     assert {layer.compute_dtype for layer in keras.models.load_model(out / "model.keras").layers} == {"float32"}
     pixels = np.load(prepared / "data" / "pixels_train.npy")[:500]
-    onnx = predict.Runtime(out)
+    onnx = TrainedClassifier(out)
     assert onnx.name.startswith("onnxruntime")
     got = onnx.predict(pixels)
-    assert np.abs(got - saved.predict(pixels, verbose=0)).max() <= train.ONNX_TOLERANCE
+    assert np.abs(got - saved.predict(pixels, verbose=0)).max() <= ONNX_TOLERANCE
     # against the network as it was trained, computing in bfloat16, on images it was not checked on
-    as_trained = train.initial_network(keras, prepared / "init", "mixed_bfloat16")
+    as_trained = initial_network(keras, prepared / "init", "mixed_bfloat16")
     as_trained.set_weights(keras.models.load_model(out / "model.keras").get_weights())
     table = saved.get_layer("standardize").get_layer("table").embeddings.numpy().ravel()
-    bf16 = np.asarray(train.classifier(keras, as_trained, table).predict(pixels, verbose=0), dtype=np.float64)
-    assert np.abs(got - bf16).max() <= train.BFLOAT16_TOLERANCE["max_probability_difference"]
-    assert np.mean(got.argmax(1) != bf16.argmax(1)) <= train.BFLOAT16_TOLERANCE["other_digit_share"]
+    bf16 = np.asarray(classifier(keras, as_trained, table).predict(pixels, verbose=0), dtype=np.float64)
+    assert np.abs(got - bf16).max() <= BFLOAT16_TOLERANCE["max_probability_difference"]
+    assert np.mean(got.argmax(1) != bf16.argmax(1)) <= BFLOAT16_TOLERANCE["other_digit_share"]
 
 
 def test_a_float32_classifier_too_far_from_the_trained_one_is_refused(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "BFLOAT16_TOLERANCE", {"max_probability_difference": -1.0, "other_digit_share": 1.0})
+    monkeypatch.setattr("mnist_cnn.training.BFLOAT16_TOLERANCE",
+                        {"max_probability_difference": -1.0, "other_digit_share": 1.0})
     with pytest.raises(UserError, match=r"^the float32 classifier answers too far from the bfloat16 network as "
                                         r"trained .*nothing was written"):
         run_train(prepared, tmp_path, **{"train.precision": "mixed_bfloat16"})
@@ -200,7 +209,7 @@ def test_a_damaged_input_gives_its_repair_not_a_checkout(tmp_path, monkeypatch, 
     (tmp_path / "dvc.lock").write_text(LOCK)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_STAGE", "train@cpu")
-    monkeypatch.setattr("stages.common.watch_dvc", lambda: None)
+    monkeypatch.setattr("mnist_cnn.stage.watch_dvc", lambda: None)
 
     def damaged():
         raise Damaged("x.npy is damaged; `rm -f … && dvc repro --single-item -f preprocess`")
@@ -214,21 +223,21 @@ def test_predict_names_the_checkout_when_the_model_is_in_dvcs_cache(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.lock").write_text(LOCK)
     with pytest.raises(UserError, match=r"not found: run `dvc repro`"):
-        predict.Runtime("models/cpu")  # dvc.lock names it, but the cache does not hold it: only a run makes it
+        TrainedClassifier("models/cpu")  # dvc.lock names it, but the cache does not hold it: only a run makes it
     cached = tmp_path / ".dvc/cache/files/md5/01/23456789abcdef0123456789abcdef.dir"
     cached.parent.mkdir(parents=True)
     cached.write_text("[]")
     assert lock_restore_hint("./models/cpu/") == "dvc checkout train@cpu"
     with pytest.raises(UserError, match=r"^models/cpu is not there, but dvc.lock names it and DVC's cache holds it: "
                                         r"`dvc checkout train@cpu` puts it back$"):
-        predict.Runtime("models/cpu")
+        TrainedClassifier("models/cpu")
 
 
 # --- under DVC: a failed run's line, DVC killed mid-run, and no TensorFlow chatter ---------------------
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from tests.test_pipeline import make_project
+    from tests.conftest import make_project
     return make_project(tmp_path_factory)
 
 
@@ -237,7 +246,7 @@ def file_bytes(folder):
 
 
 def test_a_failed_run_ends_with_the_checkout_that_brings_the_last_model_back(project):
-    from tests.test_pipeline import dvc, dvc_env
+    from tests.conftest import dvc, dvc_env
     before = file_bytes(project / "models" / "cpu")
     committed = (project / "params.yaml").read_text()
     set_params(project, **{"train.learning_rate": 1e30})
@@ -248,7 +257,7 @@ def test_a_failed_run_ends_with_the_checkout_that_brings_the_last_model_back(pro
         assert line.endswith("; to get its last good outputs back: "
                              "`dvc checkout train@cpu && git checkout -- metrics/train_cpu.json`")
         assert not (project / "models" / "cpu").exists()  # DVC removed them before the run
-        answer = subprocess.run([sys.executable, "-m", "stages.predict", "data/sample/mnist_sample.npz"], cwd=project,
+        answer = subprocess.run([sys.executable, "-m", "tools.predict", "data/sample/mnist_sample.npz"], cwd=project,
                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert answer.returncode == 1
         assert answer.stderr.strip() == ("error: models/cpu is not there, but dvc.lock names it and DVC's cache "
@@ -276,7 +285,7 @@ def stage_processes(project, module):
 
 
 def test_sigterm_to_dvc_repro_mid_train_leaves_no_process_and_no_write(project):
-    from tests.test_pipeline import dvc, dvc_env
+    from tests.conftest import dvc, dvc_env
     committed = (project / "params.yaml").read_text()
     set_params(project, **{"train.epochs": 200})  # long enough to be caught in the middle
     try:
@@ -309,7 +318,7 @@ TF_LOG_LINE = r"(?m)^(WARNING: All log messages before absl|[IWE]\d{4} [\d:.]+ +
 
 def test_a_default_repro_prints_no_tensorflow_log_line(project):
     import re
-    from tests.test_pipeline import dvc
+    from tests.conftest import dvc
     committed = (project / "params.yaml").read_text()
     set_params(project, **{"base.seed": 7})  # every stage that loads TensorFlow runs again
     try:
@@ -323,7 +332,7 @@ def test_a_default_repro_prints_no_tensorflow_log_line(project):
 
 REAL_ERROR = """
 import os
-from stages.common import run
+from mnist_cnn.stage import run
 
 def main():
     os.write(2, b"I0000 00:00:1.5    42 port.cc:153] oneDNN custom operations are on.\\n")
@@ -349,7 +358,7 @@ def test_a_real_tensorflow_error_still_reaches_the_user(tmp_path):
 
 ABORT = """
 import os
-from stages.common import run
+from mnist_cnn.stage import run
 
 def main():
     os.write(2, b"I0000 00:00:1.5    42 port.cc:153] oneDNN custom operations are on.\\n")

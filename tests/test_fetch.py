@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from stages import fetch
-from stages.common import UserError
+from mnist_cnn.errors import UserError
 from tests.conftest import SAMPLE, tiny_params, write_params
+from mnist_cnn.params import FetchParams
 
 
 def params(**overrides):
-    return fetch.FetchParams.model_validate(tiny_params(**overrides)["fetch"])
+    return FetchParams.model_validate(tiny_params(**overrides)["fetch"])
 
 
 def test_sample_hashes_match_the_committed_sample(sample_raw):

@@ -5,6 +5,7 @@ import pytest
 
 from stages import fetch
 from tests.conftest import FULL_MNIST, SAMPLE
+from mnist_cnn.params import FetchParams
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def full_npz():
 
 def test_full_mnist_passes_the_array_hashes_and_the_known_facts(full_npz, tmp_path):
     arrays, source = fetch.get_arrays(
-        fetch.FetchParams(url="http://127.0.0.1:9/x", sha256="0" * 64, timeout_s=1.0, allow_sample=False),
+        FetchParams(url="http://127.0.0.1:9/x", sha256="0" * 64, timeout_s=1.0, allow_sample=False),
         {"MNIST_NPZ": str(full_npz), "KERAS_HOME": str(tmp_path)})
     assert source == "MNIST_NPZ"
     assert np.bincount(arrays["y_train"]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -18,13 +18,18 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages import build_init_weights, evaluate, fetch, predict, preprocess, train
-from stages.common import BaseParams, UserError, load_params
+from tools import predict
+from mnist_cnn.params import BaseParams, load_params
+from mnist_cnn.errors import UserError
 from tests.conftest import ROOT, run_train
-from tests.test_pipeline import SCHEMAS
+from tests.conftest import SCHEMAS
+from mnist_cnn.params import (ONE_HOT_LOSSES, SPARSE_LOSSES, EvaluateParams, FetchParams, ModelParams, PreprocessParams,
+                              TrainParams, check_train)
 
-SECTIONS = {"base": BaseParams, "fetch": fetch.FetchParams, "preprocess": preprocess.PreprocessParams,
-            "model": build_init_weights.ModelParams, "train": train.TrainParams, "evaluate": evaluate.EvaluateParams}
+pytestmark = pytest.mark.e2e  # Hypothesis draws many params files and inputs, each run through the stages
+
+SECTIONS = {"base": BaseParams, "fetch": FetchParams, "preprocess": PreprocessParams,
+            "model": ModelParams, "train": TrainParams, "evaluate": EvaluateParams}
 # What each stage reads (dvc.yaml's params, as test_pipeline checks them), with each section's schema.
 READERS = {stage: {name: SECTIONS[name] for name in sections} for stage, sections in SCHEMAS.items()}
 
@@ -86,7 +91,7 @@ def load_as(stage, path):
     """What `python -m stages.<stage>` does with params.yaml before any work: load, check the sections."""
     loaded = load_params(path, **READERS[stage])
     if "train" in loaded and "base" in loaded:
-        train.check_train(loaded["train"], loaded["base"].backend)
+        check_train(loaded["train"], loaded["base"].backend)
     return loaded
 
 
@@ -112,7 +117,7 @@ TRAINABLE = {
     "train.lr_decay_epochs": st.floats(min_value=0.0, max_value=1e5),
     "train.momentum": st.floats(min_value=0.0, max_value=1.0),
     "train.nesterov": st.booleans(),
-    "train.loss": st.sampled_from(list(train.SPARSE_LOSSES + train.ONE_HOT_LOSSES)),
+    "train.loss": st.sampled_from(list(SPARSE_LOSSES + ONE_HOT_LOSSES)),
     "train.validation_split": st.floats(min_value=0.0, max_value=1.0),
     "train.batch_size": st.integers(min_value=-1, max_value=2000),
     "train.shuffle": st.booleans(),

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import evaluate, predict, train
-from stages.common import UserError, load_params, to_json, write_json
+from stages import evaluate
+from tools import predict
+from mnist_cnn.errors import UserError
+from mnist_cnn.params import load_params
+from mnist_cnn.files import to_json, write_json
 from tests.conftest import ROOT, run_train, tiny_params, write_params, write_processed
+from mnist_cnn.params import TrainParams
+from mnist_cnn.training import fit_size
+from mnist_cnn.vision import read_image
 
 # --- params: DVC's YAML 1.2, duplicates, bytes, finite numbers, rules across keys ---------------
 
@@ -33,7 +39,7 @@ def committed_params():
 def test_params_are_read_as_dvc_reads_them_yaml_1_2(tmp_path):
     """`1e-3` is a number for DVC (YAML 1.2) and was a string for PyYAML (1.1): the stages now agree with DVC."""
     path = params_text(tmp_path, committed_params().replace("learning_rate: 0.001", "learning_rate: 1e-3"))
-    assert load_params(path, train=train.TrainParams)["train"].learning_rate == 0.001
+    assert load_params(path, train=TrainParams)["train"].learning_rate == 0.001
     from dvc.utils.serialize import load_yaml
     assert load_yaml(str(path))["train"]["learning_rate"] == 0.001
 
@@ -41,20 +47,20 @@ def test_params_are_read_as_dvc_reads_them_yaml_1_2(tmp_path):
 def test_a_duplicate_key_is_refused_not_the_last_one_taken(tmp_path):
     path = params_text(tmp_path, committed_params().replace("  epochs: 5\n", "  epochs: 5\n  epochs: 50\n"))
     with pytest.raises(UserError, match=r'params.yaml: line \d+: found duplicate key "epochs".*keep one'):
-        load_params(path, train=train.TrainParams)
+        load_params(path, train=TrainParams)
 
 
 def test_bytes_that_are_not_utf8_are_one_line(tmp_path):
     path = params_text(tmp_path, committed_params().encode().replace(b"rmsprop |", b"rmsprop \xff|"))
     with pytest.raises(UserError, match=r"params.yaml: line \d+ is not UTF-8 text \(byte 0xff\); save the file"):
-        load_params(path, train=train.TrainParams)
+        load_params(path, train=TrainParams)
 
 
 @pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e400"])
 def test_params_floats_must_be_finite(tmp_path, text):
     path = params_text(tmp_path, committed_params().replace("learning_rate: 0.001", f"learning_rate: {text}"))
     with pytest.raises(UserError, match=r"train.learning_rate = .*: Input should be a finite number"):
-        load_params(path, train=train.TrainParams)
+        load_params(path, train=TrainParams)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -63,10 +69,10 @@ def test_params_floats_must_be_finite(tmp_path, text):
     ({"model.conv_blocks.conv1.filters": 10**9}, r"filters = 1000000000: Input should be less than or equal"),
 ])
 def test_numbers_too_large_to_run_are_refused(change, message):
-    from stages.build_init_weights import ModelParams
-    from stages.common import BaseParams, validate
+    from mnist_cnn.params import ModelParams
+    from mnist_cnn.params import BaseParams, validate
     name = next(iter(change)).split(".")[0]
-    schema = {"train": train.TrainParams, "base": BaseParams, "model": ModelParams}[name]
+    schema = {"train": TrainParams, "base": BaseParams, "model": ModelParams}[name]
     with pytest.raises(UserError, match=message):
         validate(tiny_params(**change)[name], schema, name)
 
@@ -75,7 +81,7 @@ def test_rules_across_keys_are_seen_by_every_stage_that_reads_the_section(tmp_pa
     """train.devices = [cpu, cpu] was caught by train alone: report reads `train` too, and now refuses it."""
     path = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": ["cpu", "cpu"]}))
     result = subprocess.run([sys.executable, "-m", "stages.report", "--details", "d", "--plots", "p", "--live", "l",
-                             "--summary", "s", "--out", "o", "--curves", "c", "--params", str(path)],
+                             "--out", "o", "--curves", "c", "--params", str(path)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: params.yaml: train.devices = ['cpu', 'cpu']: list each device once"
@@ -89,7 +95,7 @@ def test_a_validation_split_that_leaves_a_side_empty_is_one_line(prepared, tmp_p
     """Found by the fuzzer: Keras splits at floor(n x (1 - split)) and fails mid-way if a side is empty."""
     with pytest.raises(UserError, match=message):
         run_train(prepared, tmp_path, **{"train.validation_split": split})
-    assert train.fit_size(1000, 1e-5) == 999 and train.fit_size(60_000, 0.2) == 48_000  # Keras's own split
+    assert fit_size(1000, 1e-5) == 999 and fit_size(60_000, 0.2) == 48_000  # Keras's own split
 
 
 # --- a run that went wrong is a failure ------------------------------------------------------------
@@ -127,7 +133,7 @@ def test_evaluate_refuses_a_model_trained_with_another_scaler(prepared, tmp_path
 
 
 def test_a_truncated_model_file_is_named_with_its_recovery(prepared, tmp_path):
-    from stages.common import check_files
+    from mnist_cnn.files import check_files
     out, _ = run_train(prepared, tmp_path / "run")
     (out / "model.keras").write_bytes((out / "model.keras").read_bytes()[:5000])
     with pytest.raises(UserError, match=r"model.keras is damaged \(5000 bytes; train@cpu wrote \d+ bytes, md5 "):
@@ -228,7 +234,7 @@ def test_any_exception_reading_one_file_is_one_line_for_that_file(model, tmp_pat
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     Image.fromarray(sample_raw["x_test"][0]).save(good)
     Image.fromarray(sample_raw["x_test"][1]).save(bad)
-    real = predict.read_image
+    real = read_image
 
     def explode(path):
         if path.name == "bad.png":
@@ -250,7 +256,7 @@ def test_an_npz_of_more_images_than_the_limit_is_refused_from_its_headers(tmp_pa
 
 @pytest.mark.parametrize("damage", [b"actual,predicted\n3,x\n", b"\xff\xfe garbage", b"a,b\n1,2\n"])
 def test_a_damaged_predictions_csv_is_one_line_for_report(tmp_path, damage):
-    from stages.report import confusion_from_csv
+    from mnist_cnn.facts import confusion_from_csv
     path = tmp_path / "predictions_cpu.csv"
     path.write_bytes(damage)
     with pytest.raises(UserError, match=r"predictions_cpu.csv is damaged \(.*\); run `dvc repro --single-item -f "
@@ -259,7 +265,7 @@ def test_a_damaged_predictions_csv_is_one_line_for_report(tmp_path, damage):
 
 
 def test_a_damaged_dvclive_log_is_one_line_for_report(tmp_path):
-    from stages.report import read_curves
+    from mnist_cnn.facts import read_curves
     tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("step\tloss\n1\t0.5\n2\tgarbage\n")

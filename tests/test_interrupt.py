@@ -18,8 +18,13 @@ import time
 
 import pytest
 
-from stages.common import TMP_PREFIX, file_md5
+from mnist_cnn.files import TMP_PREFIX, file_md5
 from tests.conftest import ROOT, tiny_params, write_params, write_processed, write_raw
+from mnist_cnn import files
+from mnist_cnn.files import atomic_path
+from mnist_cnn.stage import Interrupted, _interrupt
+
+pytestmark = pytest.mark.e2e  # stages and `dvc repro` killed by signals, each in processes of their own
 
 STAGES = {
     "fetch": ["--out", "data/raw", "--metrics", "metrics/data.json", "--details", "details/data.json"],
@@ -148,7 +153,7 @@ def test_a_killed_stage_leaves_nothing_and_the_next_run_gives_the_same_result(fo
 def test_preprocess_is_told_a_damaged_input_and_how_to_recover(tmp_path, sample_raw):
     """A raw array damaged after fetch wrote it (same size: DVC's cache would not notice) is refused by name."""
     from stages import preprocess
-    from stages.common import UserError
+    from mnist_cnn.errors import UserError
 
     raw = write_raw(tmp_path / "raw", sample_raw)
     damaged = bytearray((raw / "x_test.npy").read_bytes())
@@ -162,7 +167,8 @@ def test_preprocess_is_told_a_damaged_input_and_how_to_recover(tmp_path, sample_
 
 
 def test_train_refuses_processed_data_that_lost_bytes(tmp_path, sample_raw):
-    from stages.common import UserError, check_files
+    from mnist_cnn.errors import UserError
+    from mnist_cnn.files import check_files
     write_processed(tmp_path / "data", sample_raw)
     path = tmp_path / "data" / "x_train.npy"
     path.write_bytes(path.read_bytes()[:1000])
@@ -173,8 +179,7 @@ def test_train_refuses_processed_data_that_lost_bytes(tmp_path, sample_raw):
 @pytest.fixture
 def stage_handlers():
     """run()'s SIGINT/SIGTERM handler in this process, restored afterwards."""
-    from stages import common
-    saved = {s: signal.signal(s, common._interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
@@ -186,7 +191,6 @@ def test_a_signal_during_the_cleanup_waits_for_it(tmp_path, monkeypatch, stage_h
     The class of the flaky failure CI once saw (fetch, SIGTERM at 80 %: a `.tmp-` folder left): a
     signal that landed between creating the temporary and taking charge of it, or mid-rmtree.
     """
-    from stages import common
     real_rmtree = shutil.rmtree
 
     def rmtree_after_a_signal(path, **kwargs):
@@ -194,17 +198,16 @@ def test_a_signal_during_the_cleanup_waits_for_it(tmp_path, monkeypatch, stage_h
         time.sleep(0.05)  # the handler has had its chance to run
         real_rmtree(path, **kwargs)
 
-    monkeypatch.setattr(common.shutil, "rmtree", rmtree_after_a_signal)
-    with pytest.raises(common.Interrupted):
-        with common.atomic_path(tmp_path / "out") as tmp:
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree_after_a_signal)
+    with pytest.raises(Interrupted):
+        with atomic_path(tmp_path / "out") as tmp:
             tmp.mkdir()
             (tmp / "a.npy").write_bytes(b"x" * 1000)
     assert (tmp_path / "out").is_dir() and list(tmp_path.iterdir()) == [tmp_path / "out"]
 
 
 def test_a_signal_while_the_temporary_is_created_waits_for_it(tmp_path, monkeypatch, stage_handlers):
-    from stages import common
-    real_mkdtemp = common.tempfile.mkdtemp
+    real_mkdtemp = files.tempfile.mkdtemp
 
     def mkdtemp_then_a_signal(**kwargs):
         path = real_mkdtemp(**kwargs)
@@ -212,8 +215,8 @@ def test_a_signal_while_the_temporary_is_created_waits_for_it(tmp_path, monkeypa
         time.sleep(0.05)
         return path
 
-    monkeypatch.setattr(common.tempfile, "mkdtemp", mkdtemp_then_a_signal)
-    with pytest.raises(common.Interrupted):
-        with common.atomic_path(tmp_path / "out") as tmp:
+    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp_then_a_signal)
+    with pytest.raises(Interrupted):
+        with atomic_path(tmp_path / "out") as tmp:
             tmp.write_text("never")
     assert list(tmp_path.iterdir()) == []

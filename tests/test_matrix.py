@@ -138,16 +138,15 @@ def stage_commands(folder):
         ["stages.evaluate", "--device", "cpu", "--data", folder / "data", "--model", folder / "cpu", "--metrics",
          folder / "em.json", "--details", folder / "ed.json", "--predictions", folder / "predictions.csv",
          "--mistakes", folder / "mistakes.png", *p],
-        ["stages.predict", folder / "test_images.npz", "--model", folder / "cpu", "--json"],
+        ["tools.predict", folder / "test_images.npz", "--model", folder / "cpu", "--json"],
     ]
 
 
 # Run before a stage, in its process: what `precision: auto` reads, as another kind of CPU shows it.
 FLAGS_SHIM = """
 import json, runpy, sys
-from stages import devices
 flags = json.loads(sys.argv.pop(1))
-devices.cpu_features = lambda cpuinfo=None: flags
+training.cpu_features = lambda cpuinfo=None: flags  # what training.set_up reads
 sys.argv[0] = sys.argv[1]
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
@@ -193,6 +192,7 @@ def check_row(row, folder, answers):
     assert np.mean(np.array(read) == np.array(evaluated)) >= 0.99, row
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", FEW)
 def test_a_representative_few_settings_run_end_to_end(index, data, tmp_path):
     check_row(ROWS[index], tmp_path / "row", run_row(ROWS[index], data, tmp_path / "row"))

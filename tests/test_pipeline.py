@@ -17,71 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import build_init_weights, evaluate, fetch, preprocess, report, train
-from tests.conftest import ROOT, readme_block, tiny_params, write_params
-
-PROJECT_FILES = ["stages", "dvc.yaml", "data/sample", ".dvcignore", "templates"]
-ALL_CPU_STAGES = {"fetch", "preprocess", "build_init_weights", "train@cpu", "evaluate@cpu", "report"}
-
-
-def dvc_env(project):
-    env = {k: v for k, v in os.environ.items() if k != "MNIST_NPZ"}
-    env["KERAS_HOME"] = str(project / ".keras_home")  # no Keras cache: fetch falls back to the sample
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages' `python` is ours
-    env.pop("SSH_AUTH_SOCK", None)  # an SSH remote (tests/test_remote.py) logs in with the test's key, no agent's
-    return env
-
-
-def dvc(project, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(project),
-                            capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed in {project}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def ran(result):
-    """Names of the stages that actually ran (not skipped, not restored from DVC's run cache)."""
-    return set(re.findall(r"^Running stage '([^']+)'", result.stdout, flags=re.M))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
-    return make_project(tmp_path_factory)
-
-
-def copy_project(folder):
-    """The project's files the pipeline needs, copied into `folder`, with tiny params; returns `folder`."""
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, folder / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    write_params(folder / "params.yaml", tiny_params())
-    return folder
-
-
-def make_project(tmp_path_factory):
-    """The project fixture's folder (other test modules make their own with it)."""
-    project = copy_project(tmp_path_factory.mktemp("project"))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    dvc(project, "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's: plots page, no analytics
-    commit(project, "the project, as cloned")  # DVCLive fails in a git repo without commits
-    first = dvc(project, "repro")
-    assert ran(first) == ALL_CPU_STAGES, first.stdout
-    assert "NOT THE FULL MNIST" in first.stderr  # the fallback is loud
-    commit(project, "baseline run")
-    return project
-
-
-def commit(project, message):
-    """A commit as the tests' own git identity (conftest.git_identity), as `dvc exp run` makes them."""
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "commit", "-qm", message], cwd=project, check=True)
+from stages import report
+from tests.conftest import (ALL_CPU_STAGES, CHROMIUM, ROOT, SCHEMAS, dvc, dvc_env, needs_chromium, ran, readme_block,
+                            tiny_params, write_params)
+from mnist_cnn.model import count_weights
+from mnist_cnn.params import EvaluateParams, FetchParams, ModelParams, PreprocessParams, TrainParams
 
 
 def test_second_repro_runs_nothing(project):
@@ -183,16 +123,6 @@ def json_value(path_or_text, key):
     return json.loads(text)[key]
 
 
-SCHEMAS = {
-    "fetch": {"fetch": fetch.FetchParams},
-    "preprocess": {"base": None, "preprocess": preprocess.PreprocessParams},
-    "build_init_weights": {"base": None, "model": build_init_weights.ModelParams},
-    "train": {"base": None, "train": train.TrainParams},
-    "evaluate": {"base": None, "evaluate": evaluate.EvaluateParams},
-    "report": {"base": None, "preprocess": None, "model": None, "train": None},
-}
-
-
 def test_dvc_yaml_lists_params_that_exist_and_scripts_it_runs():
     """dvc.yaml tells the truth: listed params exist; each stage depends on its own script."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -211,18 +141,12 @@ def test_dvc_yaml_lists_params_that_exist_and_scripts_it_runs():
 
 
 def test_params_yaml_is_valid_for_every_stage():
-    from stages.common import load_params
-    loaded = load_params(ROOT / "params.yaml", fetch=fetch.FetchParams, preprocess=preprocess.PreprocessParams,
-                         model=build_init_weights.ModelParams, train=train.TrainParams,
-                         evaluate=evaluate.EvaluateParams)
+    from mnist_cnn.params import load_params
+    loaded = load_params(ROOT / "params.yaml", fetch=FetchParams, preprocess=PreprocessParams,
+                         model=ModelParams, train=TrainParams,
+                         evaluate=EvaluateParams)
     assert loaded["train"].devices == ["cpu"]  # the default must run on any machine
-    assert build_init_weights.count_weights(loaded["model"]) == 96_844
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (Debian: apt-get install chromium)")
+    assert count_weights(loaded["model"]) == 96_844
 
 
 def open_offline(page_file, script, screenshot):
@@ -298,7 +222,7 @@ def test_dvc_plots_show_draws_every_declared_chart_offline(project, tmp_path):
 
 def test_the_classifier_is_a_dvc_artifact_that_others_can_get(project, tmp_path):
     """dvc.yaml's `artifacts:`: DVC lists it; a version registered with GTO is what `dvc artifacts get` fetches."""
-    from stages.common import import_keras
+    from mnist_cnn.backend import import_keras
 
     # DVC's own reading of dvc.yaml, in a process of its own: DVC in this one would take over its logging
     read = ("import json, sys; from dvc.repo import Repo; a = Repo(sys.argv[1]).artifacts.read()['dvc.yaml']"
@@ -332,7 +256,7 @@ def test_the_readmes_experiments_section_runs_as_written(project):
     """
     commands = readme_commands("Experiments")
     assert commands[0][:3] == ["dvc", "exp", "run"]
-    assert commands[-1] == ["python", "-m", "stages.experiments", "--fail"]
+    assert commands[-1] == ["python", "-m", "tools.experiments", "--fail"]
     outputs = []
     try:
         for words in commands:
@@ -349,7 +273,7 @@ def test_the_readmes_experiments_section_runs_as_written(project):
         assert re.search(r"train\.epochs\s+1\s+3", by_command["dvc params diff"])
         overlay = plots_data(project / "dvc_plots" / "index.html", "reports_curves_loss_csv")
         assert {row["rev"] for row in overlay} == {"HEAD", "epochs3"}  # both runs' curves in one chart
-        table = by_command["python -m stages.experiments"].splitlines()
+        table = by_command["python -m tools.experiments"].splitlines()
         assert max(map(len, table)) <= 120, "\n".join(table)
         header = re.split(r"\s{2,}", table[0])
         assert header[:2] == ["Experiment", "State"] and "optimizer" in header and "cpu acc" in header
@@ -363,7 +287,7 @@ def test_the_readmes_experiments_section_runs_as_written(project):
         # A run that fails shows as failed, with its reason and no numbers, never with another run's.
         dvc(project, "exp", "run", "--queue", "-n", "broken", "-S", "train.optimizer=adagrad")
         assert dvc(project, "exp", "run", "--run-all", check=False).returncode == 0  # DVC's: 0 though one failed
-        shown = subprocess.run([sys.executable, "-m", "stages.experiments", "--fail"], cwd=project,
+        shown = subprocess.run([sys.executable, "-m", "tools.experiments", "--fail"], cwd=project,
                                capture_output=True, text=True, env=dvc_env(project))
         assert shown.returncode == 1 and shown.stderr.startswith("error: 1 experiment(s) failed: broken")
         table = shown.stdout.splitlines()
@@ -404,7 +328,7 @@ def test_a_damaged_cache_object_is_named_and_the_readmes_recovery_repairs_it(pro
     dvc(project, "checkout")
     assert "up to date" in dvc(project, "status").stdout  # DVC does not see it
 
-    from stages.common import file_md5
+    from mnist_cnn.files import file_md5
     assert file_md5(processed / "x_train.npy") != want  # the damaged copy is what the workspace has
     failed = dvc(project, "repro", "--single-item", "-f", "train@cpu", check=False)  # as a train.* change would
     assert failed.returncode != 0, failed.stdout

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import predict, train
-from stages.common import UserError, import_keras
+from tools import predict
+from mnist_cnn.errors import UserError
+from mnist_cnn.backend import import_keras
 from tests.conftest import ROOT, readme_block
+from mnist_cnn.inference import TrainedClassifier
+from mnist_cnn.training import ONNX_TOLERANCE
+from mnist_cnn.vision import NoDigit, digit_ink, ink_is_dark, read_image, thin, to_mnist
 
 
 def run_predict(trained, files, capsys, *extra):
@@ -78,11 +82,11 @@ def test_npz_of_the_wrong_shape_is_refused(tmp_path):
 
 def test_to_mnist_keeps_28x28_and_centres_bigger_images(sample_raw):
     digit = sample_raw["x_test"][0]
-    assert np.array_equal(predict.to_mnist(digit), digit)
-    assert np.array_equal(predict.to_mnist(255 - digit), digit)  # light background: inverted back
+    assert np.array_equal(to_mnist(digit), digit)
+    assert np.array_equal(to_mnist(255 - digit), digit)  # light background: inverted back
     canvas = np.zeros((300, 200))
     canvas[10:110, 5:105] = np.asarray(Image.fromarray(digit).resize((100, 100)))
-    out = predict.to_mnist(canvas)
+    out = to_mnist(canvas)
     ys, xs = np.nonzero(out > 0.3 * out.max())
     assert out.shape == (28, 28) and max(np.ptp(ys), np.ptp(xs)) <= 20
     cy, cx = (np.indices(out.shape) * out).reshape(2, -1).sum(axis=1) / out.sum()
@@ -123,7 +127,7 @@ def test_the_classifier_gives_the_networks_probabilities_on_pixels(trained):
     assert np.array_equal(classifier.predict(images, verbose=0), network.predict(x, verbose=0))
 
 
-# --- photos and scans: predict.to_mnist's preparation (bench/real_digits.py makes the images) -----------
+# --- photos and scans: to_mnist's preparation (bench/real_digits.py makes the images) -----------
 
 def fonts_mark():
     from bench.real_digits import FONT_PACKAGES, MISSING_FONTS
@@ -140,7 +144,7 @@ def view(ink, rng=None):
     from bench import real_digits
 
     page = real_digits.photo(ink, rng) if rng is not None else real_digits.on_white(ink)
-    return predict.to_mnist(predict.read_image(io.BytesIO(real_digits.encoded(page, "JPEG", np.random.default_rng(0)))))
+    return to_mnist(read_image(io.BytesIO(real_digits.encoded(page, "JPEG", np.random.default_rng(0)))))
 
 
 def correlation(a, b):
@@ -183,13 +187,13 @@ def test_light_and_specks_and_polarity_do_not_change_the_view():
 
     ink = real_digits.font_digit(5, "Liberation Sans")
     page = real_digits.on_white(ink).astype(np.float64)
-    clean = predict.to_mnist(page)
+    clean = to_mnist(page)
     ys, xs = np.indices(page.shape) / max(page.shape)
     lit = page * (0.45 + 0.55 * xs) * (1 - 0.3 * (ys - 0.5) ** 2)  # light from the right, a vignette
     specked = page.copy()
     specked[3:6, 3:6] = 0  # a dark speck in the corner
     for variant in (lit, specked, 255 - page, 40 + 0.5 * (255 - page)):
-        assert correlation(predict.to_mnist(variant), clean) > 0.97
+        assert correlation(to_mnist(variant), clean) > 0.97
 
 
 @needs_fonts
@@ -198,18 +202,18 @@ def test_faint_bold_ink_under_a_gradient_as_strong_is_read_as_dark_ink():
     as strong as the ink. Judged from the raw pixels, its ink looked light and no digit was found."""
     from bench import real_digits
 
-    gray = predict.read_image(ROOT / "tests" / "images" / "faint_bold_4.jpg").astype(np.float64)
-    assert predict.ink_is_dark(gray) and not predict.ink_is_dark(255 - gray)
-    clean = predict.to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans Bold")))
-    assert correlation(predict.to_mnist(gray), clean) > 0.6  # rotated by the photo: not the clean view exactly
+    gray = read_image(ROOT / "tests" / "images" / "faint_bold_4.jpg").astype(np.float64)
+    assert ink_is_dark(gray) and not ink_is_dark(255 - gray)
+    clean = to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans Bold")))
+    assert correlation(to_mnist(gray), clean) > 0.6  # rotated by the photo: not the clean view exactly
 
 
 def test_noise_and_light_without_ink_are_no_digit():
     rng = np.random.default_rng(0)
     ys, xs = np.indices((300, 400)) / 400
     for page in (200 * (0.6 + 0.4 * xs) + rng.normal(0, 6, (300, 400)), np.full((300, 400), 128.0)):
-        with pytest.raises(predict.NoDigit):
-            predict.to_mnist(np.clip(page, 0, 255))
+        with pytest.raises(NoDigit):
+            to_mnist(np.clip(page, 0, 255))
 
 
 @needs_fonts
@@ -218,7 +222,7 @@ def test_photo_like_digits_are_read_even_by_a_weak_model(trained):
     preparation above it read 1 in 20 of such photos, the model then trained on the full MNIST."""
     from bench import real_digits
 
-    runtime = predict.Runtime(trained[0])
+    runtime = TrainedClassifier(trained[0])
     files = real_digits.groups(per_digit=2)
     for group in ("photo: fonts", "photo: pen", "fonts"):
         pixels, none = real_digits.prepared(files[group])
@@ -252,16 +256,16 @@ def test_train_writes_an_onnx_classifier_with_kerass_probabilities(trained):
     model, images, _, _ = trained
     keras = import_keras("tensorflow", device="cpu")
     expected = keras.models.load_model(model / "classifier.keras").predict(images, verbose=0)
-    runtime = predict.Runtime(model)
+    runtime = TrainedClassifier(model)
     assert runtime.onnx and runtime.name.startswith("onnxruntime")
-    assert np.abs(runtime.predict(images) - expected).max() <= train.ONNX_TOLERANCE
+    assert np.abs(runtime.predict(images) - expected).max() <= ONNX_TOLERANCE
 
 
 def test_predict_answers_without_importing_tensorflow(trained, tmp_path):
     """The fast path: ONNX Runtime only; TensorFlow's seconds of start-up and its log lines never come."""
     model, images, _, oracle = trained
     Image.fromarray(images[0]).save(tmp_path / "digit.png")
-    code = ("import sys; from stages import predict; predict.main(sys.argv[1:]); "
+    code = ("import sys; from tools import predict; predict.main(sys.argv[1:]); "
             "assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'jax', 'torch') for m in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "digit.png"), "--model", str(model)],
                          cwd=ROOT, capture_output=True, text=True)
@@ -276,7 +280,7 @@ def test_a_missing_onnx_file_is_an_error_not_a_silent_fallback(trained, tmp_path
     shutil.copytree(trained[0], copy)
     (copy / "classifier.onnx").unlink()
     with pytest.raises(UserError, match=r"classifier.onnx not found: run `dvc repro`"):
-        predict.Runtime(copy)
+        TrainedClassifier(copy)
 
 
 def test_explain_into_a_missing_folder_is_one_line(trained, tmp_path):
@@ -296,7 +300,7 @@ def test_a_phones_sideways_photo_is_turned_by_its_exif_tag(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: turn 90° clockwise to show it: the pixels are stored turned the other way
     Image.fromarray(np.rot90(page)).save(sideways, exif=exif)
-    assert correlation(predict.to_mnist(predict.read_image(sideways)), predict.to_mnist(predict.read_image(upright))) \
+    assert correlation(to_mnist(read_image(sideways)), to_mnist(read_image(upright))) \
         > 0.95
 
 
@@ -305,13 +309,13 @@ def test_16_bit_pngs_and_float_images_keep_their_digit(tmp_path):
     from bench import real_digits
 
     page = real_digits.on_white(real_digits.font_digit(3, "DejaVu Sans")).astype(np.float64)
-    clean = predict.to_mnist(page)
+    clean = to_mnist(page)
     wide = tmp_path / "wide.png"
     Image.fromarray((page * 257).astype(np.uint16)).save(wide)
     floats = tmp_path / "floats.tif"
     Image.fromarray((page / 255).astype(np.float32)).save(floats)
     for path in (wide, floats):
-        assert correlation(predict.to_mnist(predict.read_image(path)), clean) > 0.97, path
+        assert correlation(to_mnist(read_image(path)), clean) > 0.97, path
 
 
 @needs_fonts
@@ -322,17 +326,17 @@ def test_a_small_digit_in_a_large_photo_is_read_at_full_size():
     ink = real_digits.font_digit(4, "DejaVu Sans", size=80)
     page = np.full((768, 1024), 230.0)
     page[300:300 + ink.shape[0], 500:500 + ink.shape[1]] -= 200 * ink
-    clean = predict.to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans")))
-    assert correlation(predict.to_mnist(page), clean) > 0.9
+    clean = to_mnist(real_digits.on_white(real_digits.font_digit(4, "DejaVu Sans")))
+    assert correlation(to_mnist(page), clean) > 0.9
 
 
 def test_a_28x28_image_that_is_not_on_black_paper_is_prepared_as_a_photo(sample_raw):
     digit = sample_raw["x_test"][0].astype(np.float64)
     grey = 95 + 40 * np.indices((28, 28))[1] / 28 - 0.35 * digit  # dark ink on grey paper, a gradient
-    out = predict.to_mnist(grey)
+    out = to_mnist(grey)
     assert out[0].max() == 0 and out[:, 0].max() == 0  # paper is 0, as MNIST's
     assert correlation(out, digit) > 0.8
-    assert np.array_equal(predict.to_mnist(digit), digit)  # MNIST's own: untouched
+    assert np.array_equal(to_mnist(digit), digit)  # MNIST's own: untouched
 
 
 def test_explain_never_overwrites_a_view_of_another_input_nor_a_folder(trained, tmp_path, capsys):
@@ -398,10 +402,10 @@ def test_a_digit_gives_the_same_view_in_either_polarity_touching_the_frame_or_no
     filling the frame were taken for dark ones or not found at all ("no digit found"), a bold one cut by the frame
     on two sides was misread (correlation 0.61 between the polarities)."""
     ink = digit_ink_of(source, sample_raw)
-    reference = predict.to_mnist(on_paper(ink, 160, LAYOUTS["margins"], dark=True))
+    reference = to_mnist(on_paper(ink, 160, LAYOUTS["margins"], dark=True))
     for layout, pads in LAYOUTS.items():
         for height in (40, 160):
-            views = {dark: predict.to_mnist(on_paper(ink, height, pads, dark)) for dark in (True, False)}
+            views = {dark: to_mnist(on_paper(ink, height, pads, dark)) for dark in (True, False)}
             assert correlation(views[True], views[False]) > 0.95, (layout, height)  # the polarity changes nothing
             assert correlation(views[False], reference) > 0.9, (layout, height)  # nor does the frame, nor the size
 
@@ -431,8 +435,8 @@ def test_pages_without_a_digit_are_no_digit_in_either_polarity(name):
     or light as strong as ink at the dark end (the noise there a larger share of the paper) were read as digits."""
     page = np.clip(pages_without_a_digit()[name], 0, 255)
     for polarity in (page, 255 - page):
-        with pytest.raises(predict.NoDigit, match="^no digit found"):
-            predict.to_mnist(polarity)
+        with pytest.raises(NoDigit, match="^no digit found"):
+            to_mnist(polarity)
 
 
 def stroke_width(view):
@@ -451,8 +455,8 @@ def test_strokes_bolder_than_mnists_are_thinned_and_others_left_as_they_are(samp
     unthinned, 92.2 % thinned; the accurate preset's: 95.9 % and 96.5 %)."""
     from bench import real_digits
 
-    bold = predict.to_mnist(on_paper(digit_ink_of("UCI", sample_raw), 64, LAYOUTS["margins"], dark=False))
+    bold = to_mnist(on_paper(digit_ink_of("UCI", sample_raw), 64, LAYOUTS["margins"], dark=False))
     assert stroke_width(bold) < 0.17  # 0.19 unthinned, 0.15 thinned; MNIST's own: 0.11 to 0.19 for 80 % of them
-    thin = real_digits.pen_digit(2, np.random.default_rng(3))
-    crop, fringe = predict.digit_ink(on_paper(thin, 160, LAYOUTS["margins"], dark=True))[:2]
-    assert predict.thin(crop, fringe)[0] is crop
+    pen = real_digits.pen_digit(2, np.random.default_rng(3))
+    crop, fringe = digit_ink(on_paper(pen, 160, LAYOUTS["margins"], dark=True))[:2]
+    assert thin(crop, fringe)[0] is crop

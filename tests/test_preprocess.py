@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stages import preprocess
-from stages.common import UserError
+from mnist_cnn.errors import UserError
 from tests.conftest import tiny_params, write_params, write_raw
 
 
@@ -88,7 +88,7 @@ def test_missing_raw_data_says_what_to_run(tmp_path):
 
 def test_the_global_scaler_is_one_mean_and_deviation_for_all_pixels(sample_raw):
     """The same record and table as per pixel (the classifier's lookup gives x_train exactly), one value each."""
-    from stages.classifier import lookup, standardize_table
+    from mnist_cnn.model import lookup, standardize_table
 
     arrays, record = preprocess.preprocess(sample_raw, "published_split", seed=0, kind="global")
     pixels = arrays["pixels_train"].astype(np.float64)

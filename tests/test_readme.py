@@ -106,14 +106,14 @@ ONE_LINE_EXPERIMENTS = [block for kind, text, block in blocks()
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from tests.test_pipeline import make_project
+    from tests.conftest import make_project
     return make_project(tmp_path_factory)
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("block", ONE_LINE_EXPERIMENTS, ids=lambda b: b.split()[3].split("=")[0])
 def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
-    from tests.test_pipeline import dvc
+    from tests.conftest import dvc
     assert len(ONE_LINE_EXPERIMENTS) == 3
     try:
         for words in commands(block):
@@ -135,9 +135,10 @@ def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
 
 
 def test_the_quick_starts_figures_are_the_recorded_runs():
-    """Each row of the Quick start's table per CPU is a run of bench/default_runs.json, with its commit and date."""
+    """Each row of the Quick start's table per CPU is a run of bench/results/default_runs.json, with its commit and
+    date."""
     import json
-    runs = json.loads((ROOT / "bench" / "default_runs.json").read_text())["runs"]
+    runs = json.loads((ROOT / "bench" / "results" / "default_runs.json").read_text())["runs"]
     quick = (ROOT / "README.md").read_text().split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in quick.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) == len(runs)

@@ -28,10 +28,10 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, SAMPLE, doc_section, set_params
-from tests.test_pipeline import ALL_CPU_STAGES, commit, copy_project, dvc, dvc_env, ran
+from tests.conftest import ALL_CPU_STAGES, commit, copy_project, dvc, dvc_env, ran
 
 SECTION = "Sharing results: a DVC remote"  # docs/sharing.md's
-pytestmark = pytest.mark.long
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 SSHD = Path("/usr/sbin/sshd")
 NO_SSHD = f"{SSHD} not found: install OpenSSH's server (Debian: apt-get install openssh-server; .ci/run does)"
 CACHED = "Stage '{}' is cached - skipping run, checking out outputs"  # what DVC 3.67 prints on a run-cache hit
@@ -297,7 +297,7 @@ def test_a_gpu_host_trains_and_pushes_a_cpu_host_evaluates_its_model_without_tra
     with np.load(SAMPLE) as sample:
         np.savez(tmp_path / "digits.npz", x=sample["x_test"][:3])
         digits = sample["y_test"][:3]
-    predicted = subprocess.run([sys.executable, "-m", "stages.predict", str(tmp_path / "digits.npz"),
+    predicted = subprocess.run([sys.executable, "-m", "tools.predict", str(tmp_path / "digits.npz"),
                                 "--model", "models/gpu"], cwd=cpu_host, env=dvc_env(cpu_host),
                                capture_output=True, text=True)
     assert predicted.returncode == 0, predicted.stderr

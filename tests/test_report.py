@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from stages import report
-from stages.common import UserError
+from mnist_cnn.errors import UserError
 from tests.conftest import ROOT, tiny_params, write_params
 
 
@@ -35,20 +35,55 @@ PNG_1x1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000
                         "3a7e9b550000000a4944415478da63600000000200015b8e45b20000000049454e44ae426082")
 
 
-def run_report(tmp_path, devices, full=True):
+LAYERS = [{"layer": "conv1", "type": "Conv2D", "output_shape": "26x26x32", "weights": 320},
+          {"layer": "output", "type": "Dense", "output_shape": "10", "weights": 96_524}]
+
+
+def run_report(tmp_path, devices, full=True, **params):
     (tmp_path / "details").mkdir(exist_ok=True)
     (tmp_path / "details" / "data.json").write_text(json.dumps(
         {"source": "MNIST_NPZ" if full else "sample", "full_mnist": full,
          "train_images": 60000 if full else 6000, "test_images": 10000 if full else 1000}))
-    (tmp_path / "details" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 8}))
-    (tmp_path / "summary.md").write_text("| layer | type | weights |\n|---|---|---:|\n| conv1 | Conv2D | 320 |\n"
-                                         "| **total** | | **96,844** |\n")
-    p = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": devices}))
+    (tmp_path / "details" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 2,
+                                                                 "layer_table": LAYERS}))
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"train.devices": devices}, **params))
     report.main(["--details", str(tmp_path / "details"), "--plots", str(tmp_path / "plots"),
-                 "--live", str(tmp_path / "dvclive"), "--summary", str(tmp_path / "summary.md"),
+                 "--live", str(tmp_path / "dvclive"),
                  "--out", str(tmp_path / "reports"), "--curves", str(tmp_path / "reports" / "curves"),
                  "--params", str(p)])
     return (tmp_path / "reports" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("scaler, says", [("per_pixel", "standardized per pixel"),
+                                          ("global", "one mean and one deviation over every pixel")])
+def test_both_pages_say_how_the_inputs_were_standardized_from_the_params(tmp_path, scaler, says):
+    """One description per preprocess.scaler (mnist_cnn.params.SCALERS), in report.md and report.html alike."""
+    fake_run_files(tmp_path, "cpu", 50.0, 1.0)
+    text = run_report(tmp_path, ["cpu"], **{"preprocess.scaler": scaler})
+    page = (tmp_path / "reports" / "report.html").read_text()
+    assert says in text and says in page
+    other = {"per_pixel": "one mean and one deviation", "global": "standardized per pixel"}[scaler]
+    assert other not in text and other not in page
+
+
+def test_the_layer_table_is_rendered_from_the_recorded_layers_in_both_pages(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 1.0)
+    text = run_report(tmp_path, ["cpu"])
+    page = (tmp_path / "reports" / "report.html").read_text()
+    assert "| conv1 | Conv2D | 26x26x32 | 320 |" in text and "| **total** |  |  | **96,844** |" in text
+    assert "<td>conv1</td><td>Conv2D</td><td>26x26x32</td><td>320</td>" in page
+    assert "<td>total</td><td></td><td></td><td>96,844</td>" in page
+
+
+def test_details_from_an_older_build_init_weights_ask_for_a_rerun(tmp_path):
+    fake_run_files(tmp_path, "cpu", 50.0, 1.0)
+    run_report(tmp_path, ["cpu"])
+    (tmp_path / "details" / "model.json").write_text(json.dumps({"weights": 96844, "layers": 2}))
+    p = write_params(tmp_path / "params.yaml", tiny_params())
+    with pytest.raises(UserError, match=r"model.json has no layer_table .*: run `dvc repro`"):
+        report.main(["--details", str(tmp_path / "details"), "--plots", str(tmp_path / "plots"),
+                     "--live", str(tmp_path / "dvclive"), "--out", str(tmp_path / "reports"),
+                     "--curves", str(tmp_path / "reports" / "curves"), "--params", str(p)])
 
 
 def test_cpu_and_gpu_side_by_side_beside_the_seed(tmp_path):
@@ -88,7 +123,8 @@ def test_the_html_page_is_self_contained_and_says_what_ran(tmp_path):
     assert "http://" not in page and "https://" not in page
     assert "code version" in page and "keras 3.15.1" in page and "cpu: cpu name (Test CPU)" in page
     # the layer table, as report.md has it, and a caption that says what the mistakes' captions mean
-    assert "<tr><td>conv1</td><td>Conv2D</td><td>320</td></tr><tr><td>total</td><td></td><td>96,844</td></tr>" in page
+    assert ("<tr><td>conv1</td><td>Conv2D</td><td>26x26x32</td><td>320</td></tr><tr><td>output</td><td>Dense</td>"
+            "<td>10</td><td>96,524</td></tr><tr><td>total</td><td></td><td></td><td>96,844</td></tr>") in page
     assert "under each, the true digit, the digit the model read" in page
 
 

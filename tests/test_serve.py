@@ -1,4 +1,4 @@
-"""The drawing page (stages/serve.py): a real server on a free port, driven by headless Chromium."""
+"""The drawing page (tools/serve.py): a real server on a free port, driven by headless Chromium."""
 
 import json
 import subprocess
@@ -9,16 +9,18 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_pipeline import CHROMIUM, needs_chromium
+from tests.conftest import CHROMIUM, needs_chromium
+
+pytestmark = pytest.mark.e2e  # a real server driven by headless Chromium
 
 
 @pytest.fixture
 def server(trained, tmp_path):
-    """`python -m stages.serve --port 0` in an empty folder; (its URL, the folder); stopped whatever happens."""
+    """`python -m tools.serve --port 0` in an empty folder; (its URL, the folder); stopped whatever happens."""
     folder, home = tmp_path / "cwd", tmp_path / "home"
     folder.mkdir()
     home.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--model", str(trained[0]), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", str(trained[0]), "--port", "0"],
                             cwd=folder, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -130,7 +132,7 @@ def test_a_port_in_use_is_one_line(trained, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "stages.serve", "--model", str(trained[0]), "--port", str(port)],
+        out = subprocess.run([sys.executable, "-m", "tools.serve", "--model", str(trained[0]), "--port", str(port)],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (address already in use); "

@@ -15,9 +15,9 @@ import time
 import pytest
 
 from tests.conftest import readme_block
-from tests.test_pipeline import dvc, dvc_env, make_project
+from tests.conftest import dvc, dvc_env, make_project
 
-pytestmark = pytest.mark.long
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 RATES = ("0.0005", "0.002", "0.004")
 
 

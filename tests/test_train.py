@@ -10,9 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from stages import classifier, devices, preprocess, train
-from stages.common import UserError, import_keras, validate, write_manifest
+from stages import preprocess
+from stages import train
+from mnist_cnn.errors import UserError
+from mnist_cnn.backend import import_keras
+from mnist_cnn.params import validate
+from mnist_cnn.files import write_manifest
 from tests.conftest import ROOT, run_train, tiny_params, write_params
+from mnist_cnn.backend import cpu_features, device_env, on_gpu, onednn_enabled, resolve_precision, set_up_device
+from mnist_cnn.model import classifier, initial_network, lookup, standardize_table, with_precision
+from mnist_cnn.params import TrainParams, check_train
+from mnist_cnn.training import augmented, learning_rate_schedule
 
 
 def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
@@ -42,8 +50,8 @@ def test_training_is_reproducible_and_records_what_ran(prepared, tmp_path):
 @pytest.mark.parametrize("procedure", ["published_split", "pooled_resplit"])
 def test_the_lookup_standardizes_pixels_exactly_as_preprocess(sample_raw, procedure):
     arrays, scaler = preprocess.preprocess(sample_raw, procedure, seed=0)
-    table = classifier.standardize_table(json.loads(json.dumps(scaler)))  # through JSON, as the stage reads it
-    looked_up = classifier.lookup(table, arrays["pixels_train"])
+    table = standardize_table(json.loads(json.dumps(scaler)))  # through JSON, as the stage reads it
+    looked_up = lookup(table, arrays["pixels_train"])
     assert looked_up.dtype == np.float32
     assert np.array_equal(looked_up, arrays["x_train"].reshape(len(looked_up), -1))  # bit for bit
 
@@ -51,17 +59,17 @@ def test_the_lookup_standardizes_pixels_exactly_as_preprocess(sample_raw, proced
 def test_fitting_on_pixels_trains_exactly_as_fitting_on_the_standardized_images(prepared):
     """The lookup wrapper changes what fit is fed, not what it computes: the same weights, bit for bit."""
     keras = import_keras("tensorflow", device="cpu")
-    params = validate(tiny_params()["train"], train.TrainParams, "train")
-    devices.set_up_device("tensorflow", "cpu", params.cpu, params.gpu)  # op determinism, as the stage
+    params = validate(tiny_params()["train"], TrainParams, "train")
+    set_up_device("tensorflow", "cpu", params.cpu, params.gpu)  # op determinism, as the stage
     data = prepared / "data"
-    table = classifier.standardize_table(json.loads((data / "scaler.json").read_text()))
+    table = standardize_table(json.loads((data / "scaler.json").read_text()))
     y = keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
 
     def fit_from_the_start(on_pixels):
         keras.utils.set_random_seed(0)
         model = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
         model.load_weights(prepared / "init" / "initial.weights.h5")
-        net = classifier.classifier(keras, model, table) if on_pixels else model
+        net = classifier(keras, model, table) if on_pixels else model
         net.compile(optimizer="rmsprop", loss="categorical_crossentropy")
         x = np.load(data / ("pixels_train.npy" if on_pixels else "x_train.npy"))
         net.fit(x, y, batch_size=128, epochs=2, shuffle=True, verbose=0)
@@ -87,13 +95,13 @@ def test_keras_array_pipelines_run_without_autotune_and_train_the_same(prepared,
 
     data = prepared / "data"
     pixels, y = np.load(data / "pixels_train.npy"), keras.utils.to_categorical(np.load(data / "y_train.npy"), 10)
-    table = classifier.standardize_table(json.loads((data / "scaler.json").read_text()))
+    table = standardize_table(json.loads((data / "scaler.json").read_text()))
 
     def fit_from_the_start():
         keras.utils.set_random_seed(0)
         model = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
         model.load_weights(prepared / "init" / "initial.weights.h5")
-        net = classifier.classifier(keras, model, table)
+        net = classifier(keras, model, table)
         net.compile(optimizer="rmsprop", loss="categorical_crossentropy")
         history = net.fit(pixels, y, batch_size=128, epochs=2, shuffle=True, validation_split=0.2, verbose=0)
         return model.get_weights(), history.history["val_loss"]
@@ -145,13 +153,13 @@ def test_training_on_the_torch_backend(prepared, tmp_path):
 LOOKUP_CHECK = """
 import json, sys
 import numpy as np
-from stages import classifier
-from stages.common import import_keras
+from mnist_cnn.backend import import_keras
+from mnist_cnn.model import classifier, standardize_table
 keras = import_keras(sys.argv[1], device="cpu")
 data = sys.argv[2]
-table = classifier.standardize_table(json.load(open(data + "/scaler.json")))
+table = standardize_table(json.load(open(data + "/scaler.json")))
 model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Identity()])
-out = keras.ops.convert_to_numpy(classifier.classifier(keras, model, table)(np.load(data + "/pixels_train.npy")[:64]))
+out = keras.ops.convert_to_numpy(classifier(keras, model, table)(np.load(data + "/pixels_train.npy")[:64]))
 print(np.array_equal(out, np.load(data + "/x_train.npy")[:64]), out.dtype, out.shape)
 """
 
@@ -167,7 +175,7 @@ def test_the_standardize_layer_gives_x_train_on_each_backend(prepared, backend):
 
 LEAN_IMPORT = """
 import sys
-from stages.common import KERAS_EXTRAS, import_keras
+from mnist_cnn.backend import KERAS_EXTRAS, import_keras
 import_keras(sys.argv[1], device="cpu")
 print(*sorted(name for name in KERAS_EXTRAS if name in sys.modules))
 import jax, matplotlib.pyplot, sklearn  # what was left out imports as usual afterwards
@@ -188,7 +196,8 @@ def test_importing_keras_leaves_out_what_no_stage_uses_and_it_imports_later(back
 
 QUICK_EXIT = """
 import atexit, pathlib, sys
-from stages.common import UserError, run
+from mnist_cnn.errors import UserError
+from mnist_cnn.stage import run
 def main():
     if sys.argv[1] == "tensorflow":
         import tensorflow  # noqa: F401
@@ -250,8 +259,8 @@ def test_the_sequels_options_validation_schedule_nesterov(prepared, tmp_path):
 def test_learning_rate_schedules(schedule, expected):
     keras = import_keras("tensorflow", device="cpu")
     params = validate(tiny_params(**{"train.learning_rate": 0.1, "train.epochs": 4, "train.lr_schedule": schedule,
-                                     "train.lr_decay_epochs": 2.0})["train"], train.TrainParams, "train")
-    lr = train.learning_rate(keras, params, steps_per_epoch=1)
+                                     "train.lr_decay_epochs": 2.0})["train"], TrainParams, "train")
+    lr = learning_rate_schedule(keras, params, steps_per_epoch=1)
     values = [float(lr(step)) if callable(lr) else lr for step in range(4)]
     assert values == pytest.approx(expected, rel=1e-5)
 
@@ -271,15 +280,15 @@ def test_learning_rate_schedules(schedule, expected):
 def test_bad_train_params(tmp_path, change, message):
     params = tiny_params(**change)
     with pytest.raises(UserError, match=message):
-        section = validate(params["train"], train.TrainParams, "train")
-        train.check_train(section, "tensorflow")
+        section = validate(params["train"], TrainParams, "train")
+        check_train(section, "tensorflow")
 
 
 def test_several_steps_per_call_on_torch_is_refused_with_one_line():
-    params = validate(tiny_params(**{"train.steps_per_execution": 16})["train"], train.TrainParams, "train")
+    params = validate(tiny_params(**{"train.steps_per_execution": 16})["train"], TrainParams, "train")
     with pytest.raises(UserError, match=r"train.steps_per_execution = 16: .* set it to 1 for torch"):
-        train.check_train(params, "torch")
-    train.check_train(params, "tensorflow")
+        check_train(params, "torch")
+    check_train(params, "tensorflow")
 
 
 def test_unknown_backend_is_refused(tmp_path, prepared):
@@ -289,14 +298,14 @@ def test_unknown_backend_is_refused(tmp_path, prepared):
 
 def test_mixed_precision_changes_every_layer_but_input_and_output(prepared):
     text = (prepared / "init" / "model.json").read_text()
-    assert train.with_precision(text, "float32") == text
-    layers = json.loads(train.with_precision(text, "mixed_bfloat16"))["config"]["layers"]
+    assert with_precision(text, "float32") == text
+    layers = json.loads(with_precision(text, "mixed_bfloat16"))["config"]["layers"]
     policies = {layer["config"]["name"]: layer["config"].get("dtype") for layer in layers}
     assert policies["conv1"]["config"]["name"] == "mixed_bfloat16"
     assert policies["dense1"]["config"]["name"] == "mixed_bfloat16"
     assert policies["output"]["config"]["name"] == "float32"
     keras = import_keras("tensorflow", device="cpu")
-    model = keras.models.model_from_json(train.with_precision(text, "mixed_bfloat16"))
+    model = keras.models.model_from_json(with_precision(text, "mixed_bfloat16"))
     model.load_weights(prepared / "init" / "initial.weights.h5")  # weights stay float32: the same file loads
     assert model.get_layer("conv1").compute_dtype == "bfloat16" and model.get_layer("output").compute_dtype == "float32"
 
@@ -310,32 +319,32 @@ def test_mixed_precision_changes_every_layer_but_input_and_output(prepared):
     ("mixed_bfloat16", "cpu", [], "mixed_bfloat16"),
 ])
 def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(precision, device, features, expected):
-    assert train.resolve_precision(precision, device, features) == expected
+    assert resolve_precision(precision, device, features) == expected
 
 
 def test_cpu_features_are_read_from_the_flags_line():
     info = ("processor\t: 0\nmodel name\t: Intel Xeon\n"
             "flags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n")
-    assert devices.cpu_features(info) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
-    assert devices.cpu_features("model name\t: ?\n") == []
+    assert cpu_features(info) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+    assert cpu_features("model name\t: ?\n") == []
 
 
 def test_an_auto_precision_run_records_what_it_chose(prepared, tmp_path, capsys):
     _, details = run_train(prepared, tmp_path, **{"train.precision": "auto"})
-    chosen = train.resolve_precision("auto", "cpu", devices.cpu_features())
-    assert details["precision"] == chosen and details["cpu_features"] == devices.cpu_features()
+    chosen = resolve_precision("auto", "cpu", cpu_features())
+    assert details["precision"] == chosen and details["cpu_features"] == cpu_features()
     assert f"precision auto: {chosen}" in capsys.readouterr().out
 
 
 def test_onednn_is_set_before_tensorflow_starts_for_the_cpu_run_only():
-    cpu = validate(tiny_params()["train"], train.TrainParams, "train").cpu
-    assert devices.device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": True})) == {
+    cpu = validate(tiny_params()["train"], TrainParams, "train").cpu
+    assert device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": True})) == {
         "TF_ENABLE_ONEDNN_OPTS": "1"}
-    assert devices.device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": False})) == {
+    assert device_env("tensorflow", "cpu", None, cpu.model_copy(update={"onednn": False})) == {
         "TF_ENABLE_ONEDNN_OPTS": "0"}
-    assert "TF_ENABLE_ONEDNN_OPTS" not in devices.device_env("tensorflow", "cpu", None,
+    assert "TF_ENABLE_ONEDNN_OPTS" not in device_env("tensorflow", "cpu", None,
                                                              cpu.model_copy(update={"onednn": None}))
-    assert "TF_ENABLE_ONEDNN_OPTS" not in devices.device_env("torch", "cpu", None, cpu)
+    assert "TF_ENABLE_ONEDNN_OPTS" not in device_env("torch", "cpu", None, cpu)
 
 
 def test_steps_per_execution_changes_no_number(prepared, tmp_path):
@@ -347,13 +356,13 @@ def test_steps_per_execution_changes_no_number(prepared, tmp_path):
     keras = import_keras("tensorflow", device="cpu")
     a, b = (keras.models.load_model(folder / "model.keras") for folder in (one, many))
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
-    assert d_many["onednn"] is devices.onednn_enabled("tensorflow")
+    assert d_many["onednn"] is onednn_enabled("tensorflow")
 
 
 def test_placement_names_the_device():
-    assert devices.on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
-    assert devices.on_gpu("cuda:0") and devices.on_gpu("cuda:0")
-    assert not devices.on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not devices.on_gpu("TFRT_CPU_0")
+    assert on_gpu("/job:localhost/replica:0/task:0/device:GPU:0")
+    assert on_gpu("cuda:0") and on_gpu("cuda:0")
+    assert not on_gpu("/job:localhost/replica:0/task:0/device:CPU:0") and not on_gpu("TFRT_CPU_0")
 
 
 AUGMENT = {"train.augment": {"rotation": 15.0, "shift": 0.1, "zoom": 0.1}}
@@ -362,18 +371,18 @@ AUGMENT = {"train.augment": {"rotation": 15.0, "shift": 0.1, "zoom": 0.1}}
 def test_augmentation_moves_training_images_only_and_is_not_saved(prepared, tmp_path):
     keras = import_keras("tensorflow", device="cpu")
     pixels = np.load(prepared / "data" / "pixels_train.npy")[:64]
-    table = classifier.standardize_table(json.loads((prepared / "data" / "scaler.json").read_text()))
+    table = standardize_table(json.loads((prepared / "data" / "scaler.json").read_text()))
     network = keras.models.model_from_json((prepared / "init" / "model.json").read_text())
-    fitted = classifier.classifier(keras, network, table)
-    augment = validate(tiny_params(**AUGMENT)["train"], train.TrainParams, "train").augment
-    model = train.augmented(keras, fitted, augment, seed=0)
+    fitted = classifier(keras, network, table)
+    augment = validate(tiny_params(**AUGMENT)["train"], TrainParams, "train").augment
+    model = augmented(keras, fitted, augment, seed=0)
     moved = keras.ops.convert_to_numpy(model.get_layer("augment")(pixels[..., None].astype("float32")[..., 0],
                                                                   training=True))
     assert moved.shape == pixels.shape and 0 <= moved.min() and moved.max() <= 255  # the table's range
     assert np.abs(moved - pixels).mean() > 5  # moved, and the new border is black paper
     same = keras.ops.convert_to_numpy(model(pixels, training=False))
     assert np.array_equal(same, keras.ops.convert_to_numpy(fitted(pixels, training=False)))  # inference: as is
-    assert train.augmented(keras, fitted, augment.model_copy(update={"rotation": 0.0, "shift": 0.0, "zoom": 0.0}),
+    assert augmented(keras, fitted, augment.model_copy(update={"rotation": 0.0, "shift": 0.0, "zoom": 0.0}),
                            seed=0) is fitted
 
 
@@ -389,7 +398,7 @@ def test_training_with_augmentation_is_reproducible_and_differs_from_without(pre
 
 
 def test_an_onnx_export_that_disagrees_with_keras_fails_and_writes_nothing(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ONNX_TOLERANCE", -1.0)  # no difference can pass: as if the export were wrong
+    monkeypatch.setattr("mnist_cnn.training.ONNX_TOLERANCE", -1.0)  # no difference passes: as if the export were wrong
     with pytest.raises(UserError, match=r"^classifier.onnx gives probabilities up to .* away from Keras's "
                                         r"\(allowed -1.0\); nothing was written"):
         run_train(prepared, tmp_path)
@@ -432,7 +441,7 @@ def test_two_devices_train_as_one_device_does(prepared, tmp_path, backend):
     two, w_two, out = train_in_a_process(prepared, tmp_path / "two", backend, **settings, **{"train.replicas": 2})
     assert one["replicas"] == 1 and one["replica_devices"] == []
     assert two["replicas"] == 2 and len(set(two["replica_devices"])) == 2 and "split over 2 devices" in out
-    init = train.initial_network(import_keras("tensorflow", device="cpu"), prepared / "init", "float32").get_weights()
+    init = initial_network(import_keras("tensorflow", device="cpu"), prepared / "init", "float32").get_weights()
     worst = max(float(np.linalg.norm(b - a) / np.linalg.norm(a - i))
                 for a, b, i in zip(w_one, w_two, init, strict=True))
     assert worst < DATA_PARALLEL_TOLERANCE, f"the two runs differ by {worst:.3g} of training's change"
@@ -440,21 +449,21 @@ def test_two_devices_train_as_one_device_does(prepared, tmp_path, backend):
 
 
 def test_replicas_are_refused_where_they_cannot_split(prepared, tmp_path):
-    params = validate(tiny_params(**{"train.replicas": 3, "train.steps_per_execution": 1})["train"], train.TrainParams,
+    params = validate(tiny_params(**{"train.replicas": 3, "train.steps_per_execution": 1})["train"], TrainParams,
                       "train", "params.yaml")
     with pytest.raises(UserError, match=r"batch_size = 128 does not split evenly over train.replicas = 3"):
-        train.check_train(params, "tensorflow")
+        check_train(params, "tensorflow")
     params = validate(tiny_params(**{"train.replicas": 2, "train.steps_per_execution": 1})["train"],
-                      train.TrainParams, "train", "params.yaml")
+                      TrainParams, "train", "params.yaml")
     with pytest.raises(UserError, match=r"train.replicas = 2: data parallelism runs on tensorflow .* set it to 1 "
                                         r"for torch"):
-        train.check_train(params, "torch")
+        check_train(params, "torch")
     # found by tests/test_matrix.py: Keras's multi-step loop fails under tf.distribute at its first call
-    params = validate(tiny_params(**{"train.replicas": 2})["train"], train.TrainParams, "train", "params.yaml")
+    params = validate(tiny_params(**{"train.replicas": 2})["train"], TrainParams, "train", "params.yaml")
     with pytest.raises(UserError, match=r"^params.yaml: train.steps_per_execution = 16 with train.replicas = 2: .* "
                                         r"set train.steps_per_execution to 1$"):
-        train.check_train(params, "tensorflow")
-    train.check_train(params, "jax")  # the Keras distribution API runs several steps per call
+        check_train(params, "tensorflow")
+    check_train(params, "jax")  # the Keras distribution API runs several steps per call
 
 
 @pytest.mark.parametrize("limit_mb", [None, 2048])
@@ -462,7 +471,7 @@ def test_the_gpu_branch_of_device_set_up_as_tensorflow_would_take_it_with_gpus(m
     """No GPU here: what set_up_device reads from TensorFlow is mocked to show two, and what it sets recorded."""
     keras = import_keras("tensorflow", device="cpu")  # noqa: F841  (TensorFlow loaded as the stage loads it)
     import tensorflow as tf
-    settings = validate(tiny_params(**{"train.gpu.memory_limit_mb": limit_mb})["train"], train.TrainParams, "train")
+    settings = validate(tiny_params(**{"train.gpu.memory_limit_mb": limit_mb})["train"], TrainParams, "train")
     from types import SimpleNamespace
     gpus, done = [SimpleNamespace(name=f"/physical_device:GPU:{i}") for i in range(2)], []
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
@@ -471,10 +480,10 @@ def test_the_gpu_branch_of_device_set_up_as_tensorflow_would_take_it_with_gpus(m
     monkeypatch.setattr(tf.config.experimental, "enable_tensor_float_32_execution",
                         lambda on: done.append(("tf32", on)))
     monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda gpu: {"device_name": "Mock H200"})
-    assert devices.set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=2) == "Mock H200"
+    assert set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=2) == "Mock H200"
     assert ("tf32", False) in done  # float32 means float32
     expected = [("limit", g) for g in gpus] if limit_mb else [("growth", g, True) for g in gpus]
     assert [d for d in done if d[0] != "tf32"] == expected
     with pytest.raises(UserError, match=r"train.replicas = 3 but tensorflow sees 2 GPU device\(s\)"):
-        devices.set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=3)
-    assert devices.device_env("tensorflow", "gpu", settings.gpu) == {"NVIDIA_TF32_OVERRIDE": "0"}
+        set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=3)
+    assert device_env("tensorflow", "gpu", settings.gpu) == {"NVIDIA_TF32_OVERRIDE": "0"}

@@ -1,6 +1,6 @@
 """experiments: the experiments table in a terminal's width: state, the params that differ, the headline metrics.
 
-    python -m stages.experiments [--md] [--width N] [--fail] [any option of `dvc exp show`, e.g. -A]
+    python -m tools.experiments [--md] [--width N] [--fail] [any option of `dvc exp show`, e.g. -A]
 
 Reads `dvc exp show --json` and prints one row per experiment (and the
 workspace and the commit they came from): its name, its state (Success,
@@ -25,7 +25,8 @@ import subprocess
 import sys
 import textwrap
 
-from stages.common import UserError, run
+from mnist_cnn.errors import UserError
+from mnist_cnn.stage import run
 
 FINISHED = ("Success", "")  # a finished experiment, the workspace and a commit have metrics of their own
 STALE = "Changed"

@@ -1,14 +1,108 @@
-"""Devices: what must be set before a backend is imported, thread and memory settings, and where a run ran.
+"""The frameworks: Keras on its backend, devices, threads, precision and data parallelism, and the CPU's units.
 
-train's --device gpu fails unless the backend sees a GPU, and after training
-the weights' actual placement is checked (placement, on_gpu), so a run is
-never labeled GPU that ran on a CPU.
+Every use of a framework's private API is here, each checked by a test that it is still in force
+(tests/test_backend.py): Keras's array adapter (without_tf_data_autotune), the import system's
+"cannot be imported" marker (unimportable) and TensorFlow's oneDNN query (onednn_enabled).
 """
 
+import contextlib
+import os
 import platform
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from stages.common import UserError
+from mnist_cnn.errors import UserError
+
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def import_keras(backend, device=None):
+    """Import Keras on `backend`; device "cpu" hides every GPU from it.
+
+    The backend and visible devices can only be chosen before the first import,
+    which is why no stage imports Keras at module level.
+    """
+    if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != backend:
+        raise UserError(f"Keras is already imported with another backend; cannot switch to {backend}")
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if backend == "jax":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        with unimportable(*(name for name in KERAS_EXTRAS if name != backend)):
+            import keras
+    except ImportError as err:
+        raise UserError(f"base.backend is {backend!r} but it cannot be imported ({err}); "
+                        f"install it or set base.backend to tensorflow") from None
+    if keras.backend.backend() != backend:
+        raise UserError(f"Keras runs on {keras.backend.backend()!r}, not base.backend={backend!r}")
+    if backend == "tensorflow":
+        without_tf_data_autotune()
+    return keras
+
+
+# What importing Keras on TensorFlow also imports when it is installed, for parts
+# no stage uses: TensorFlow Lite's JAX converter (jax), Keras's scikit-learn
+# wrappers (sklearn) and its image gallery (matplotlib.pyplot), each about a
+# second of the import on a small CPU (docs/results-and-speed.md). Each is imported inside a
+# try/except ImportError, so each is left out by making it unimportable for the
+# import's duration; a stage that needs one imports it afterwards as usual.
+KERAS_EXTRAS = ("jax", "sklearn", "matplotlib")
+
+
+@contextmanager
+def unimportable(*names):
+    """Within this block, `import name` raises ImportError for each name not yet imported; after it, imports work."""
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # the import system's own marker for "cannot be imported"
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
+def without_tf_data_autotune():
+    """Make the tf.data pipelines Keras builds from arrays (fit, evaluate, predict) run without autotuning.
+
+    With autotuning on, each pipeline runs a tuning thread that sleeps for a
+    period doubling up to a minute, and Keras's end of epoch (which drops the
+    epoch's iterator) waits for it to wake: the same epoch's time could
+    double by chance, the difference spent with every core idle.
+    Tuning buffer sizes changes no number: the same batches in the same order,
+    the same weights to the bit. Keras has no public switch for the options of
+    the datasets it builds, so this wraps its array adapter, once; the version
+    is pinned and tests/test_train.py checks that the wrapper is in force.
+    """
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters import array_data_adapter
+
+    adapter = array_data_adapter.ArrayDataAdapter
+    if getattr(adapter.get_tf_dataset, "without_autotune", False):
+        return
+    keras_own = adapter.get_tf_dataset
+
+    def get_tf_dataset(self):
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return keras_own(self).with_options(options)
+
+    get_tf_dataset.without_autotune, get_tf_dataset.keras_own = True, keras_own
+    adapter.get_tf_dataset = get_tf_dataset
+
+
+def import_onnxruntime():
+    """ONNX Runtime, its telemetry off: otherwise importing it writes a device id under ~/.cache/Microsoft."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
 
 
 def device_env(backend, device, gpu, cpu=None, replicas=1):
@@ -19,8 +113,8 @@ def device_env(backend, device, gpu, cpu=None, replicas=1):
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={replicas}"
     if backend == "tensorflow" and device == "cpu" and cpu is not None and cpu.onednn is not None:
         # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI, -BF16 or
-        # AMX; on a 2-core EPYC without AVX-512 they train the seed's CNN about 8 % faster than
-        # Eigen's (bench/step_profile.py: conv2's weight gradient 18 -> 32 GFLOP/s)
+        # AMX; on an EPYC without AVX-512 they train the seed's CNN faster than Eigen's too
+        # (python -m bench.step_profile measures it, op by op)
         env["TF_ENABLE_ONEDNN_OPTS"] = "1" if cpu.onednn else "0"
     if device == "gpu":
         # float32 means float32: since Ampere, cuBLAS and cuDNN run float32 products and
@@ -159,3 +253,41 @@ def onednn_enabled(backend):
 
 def cpu_model():
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def resolve_precision(precision, device, features):
+    """The precision a run computes in: train.precision, with `auto` decided by the hardware.
+
+    auto is mixed_bfloat16 on a GPU and on a CPU with bfloat16 units (AVX512-BF16
+    or AMX), float32 on other CPUs, where oneDNN emulates bfloat16 and a step
+    is many times slower than in float32. The run records what it resolved to.
+    """
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if device == "gpu" or has_bfloat16_units(features) else "float32"
+
+
+def data_parallel(keras, backend, device, replicas):
+    """(scope, device names): within `with scope():`, a model is built and fitted on `replicas` devices at once.
+
+    Data parallelism with the frameworks' own engines, at the same global batch:
+    each device takes batch_size / replicas images of every batch and the
+    gradients are summed across them before the one update, so the result is
+    single-device training's up to the order of the sums (tests/test_train.py
+    measures how close). tensorflow: tf.distribute.MirroredStrategy; jax: the
+    Keras distribution API (keras.distribution.DataParallel). Batch
+    normalization's statistics are then per device, as those engines do.
+    """
+    if replicas == 1:
+        return contextlib.nullcontext, []
+    if backend == "tensorflow":
+        import tensorflow as tf
+        names = [d.name for d in tf.config.list_logical_devices(device.upper())][:replicas]
+        return tf.distribute.MirroredStrategy(devices=names).scope, names
+    devices = keras.distribution.list_devices(device)[:replicas]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return contextlib.nullcontext, [str(d) for d in devices]
+
+
+def backend_version(backend):
+    return __import__(backend).__version__  # the backends' module names are their param values

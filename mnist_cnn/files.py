@@ -1,0 +1,169 @@
+"""Files the stages write and read: atomic outputs, strict JSON, manifests of what a stage wrote, .npz headers."""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from mnist_cnn.errors import Damaged, UserError
+from mnist_cnn.stage import signals_held
+
+
+TMP_PREFIX = ".tmp-"  # .gitignore and .dvcignore name it: git never offers it, DVC never hashes it
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder):
+    """Remove the temporaries in `folder` whose process is gone (killed with SIGKILL, say)."""
+    for path in Path(folder).glob(f"{TMP_PREFIX}*"):
+        pid = path.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(final):
+    """Yield a temporary path beside `final`; rename it into place on success.
+
+    Works for files and folders. The temporary folder is `.tmp-<pid>-...`
+    beside `final`: ignored by git and DVC, removed on any error or signal,
+    and, after a SIGKILL, removed by the next run (its pid is gone). The
+    temporary name keeps the final suffix (Keras insists on `.keras` and
+    `.weights.h5`). An old folder is first renamed out of the way, so that
+    `final` is at every moment either the old output, the new one, or absent:
+    never half of either.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent)
+    tmp_dir = None
+    try:
+        with signals_held():  # a signal between mkdtemp and this try would leave the folder behind
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f".{final.name}",
+                                            dir=final.parent))
+        tmp = tmp_dir / final.name
+        yield tmp
+        with signals_held():  # the two renames go together: between them there would be no output at all
+            if final.is_dir() and not final.is_symlink():
+                os.replace(final, tmp_dir / "old")
+            os.replace(tmp, final)
+    finally:
+        if tmp_dir is not None:
+            with signals_held():  # a signal mid-rmtree would leave half of it
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def to_json(data, **kwargs):
+    """Strict JSON: a NaN or infinity is an error here, never `NaN` in a file that JSON readers refuse."""
+    return json.dumps(data, allow_nan=False, **kwargs)
+
+
+def write_json(path, data):
+    text = to_json(data, indent=2) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run `dvc repro` to make it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is damaged (not JSON: {err}); run `dvc repro --single-item -f <stage>` with "
+                        f"the stage of dvc.yaml that writes it") from None
+
+
+def npz_headers(path, prefix=""):
+    """{name: (shape, dtype)} of an .npz's arrays, from its zip directory and .npy headers only.
+
+    A few KB are read whatever the file declares, so a hostile or damaged file
+    is refused (a UserError, `prefix` before its path) in bounded memory and
+    time: a member whose size does not match its header, Python objects, or a
+    file that is not a zip of .npy arrays.
+    """
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"array {name!r} has .npy format version {version}, not 1.0 or 2.0")
+                    shape, _, dtype = read_header(member)
+                    header_size = member.tell()
+                if dtype.hasobject:
+                    raise UserError(f"{prefix}{path}: array {name!r} holds Python objects; refusing to load it")
+                if info.file_size != header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                    raise UserError(f"{prefix}{path}: array {name!r}'s size does not match its header "
+                                    f"{shape} {dtype}; the file is damaged")
+                headers[name] = (tuple(shape), dtype)
+            return headers
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as err:
+        raise UserError(f"{prefix}cannot read {path} as .npz ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())}); the file is damaged or not an .npz") from None
+
+
+MANIFEST = "manifest.json"
+
+
+def file_md5(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def manifest(folder, stage):
+    """The manifest of every file in `folder` (not in subfolders), as written by `stage`."""
+    files = {f.name: {"md5": file_md5(f), "bytes": f.stat().st_size}
+             for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != MANIFEST}
+    return {"stage": stage, "files": files}
+
+
+def write_manifest(folder, stage):
+    """Record `folder`'s files; call it last, on the temporary folder, before it is renamed into place."""
+    (Path(folder) / MANIFEST).write_text(to_json(manifest(folder, stage), indent=2) + "\n")
+
+
+def check_files(folder, names):
+    """Check that `folder`'s files `names` are the ones its stage wrote; a UserError naming the damaged one.
+
+    The error gives the recovery: remove DVC's cached copy and run the stage again. Returns {name: md5}
+    of the files checked, for a caller that records them (no need to hash them again).
+    """
+    folder = Path(folder)
+    record = read_json(folder / MANIFEST)
+    stage = record.get("stage", "?")
+    for name in names:
+        path, want = folder / name, record.get("files", {}).get(name)
+        if want is None:
+            raise UserError(f"{path} is not in {folder / MANIFEST}: run `dvc repro --single-item -f {stage}`")
+        if not path.is_file():
+            raise UserError(f"{path} not found: run `dvc repro` to make it")
+        size = path.stat().st_size
+        got = file_md5(path) if size == want["bytes"] else None
+        if got != want["md5"]:
+            found = f"{size} bytes" if got is None else f"md5 {got}"
+            md5 = want["md5"]
+            repair = f"rm -f .dvc/cache/files/md5/{md5[:2]}/{md5[2:]} && dvc repro --single-item -f {stage}"
+            raise Damaged(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
+                            f"DVC's cache may hold the damaged copy: `{repair}`")
+    return {name: record["files"][name]["md5"] for name in names}

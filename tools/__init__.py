@@ -1,0 +1,8 @@
+"""What a user runs beside the pipeline, on what it made: `python -m tools.<name>`.
+
+    predict      classify pictures of digits with a trained classifier
+    serve        a local page to draw or upload a digit and see what the classifier reads
+    experiments  the experiments' table, narrowed to what differs
+
+Like the stages, they import the package mnist_cnn/, never a stage.
+"""
