@@ -145,6 +145,7 @@ def stage_commands(folder):
 # Run before a stage, in its process: what `precision: auto` reads, as another kind of CPU shows it.
 FLAGS_SHIM = """
 import json, runpy, sys
+from mnist_cnn import training
 flags = json.loads(sys.argv.pop(1))
 training.cpu_features = lambda cpuinfo=None: flags  # what training.set_up reads
 sys.argv[0] = sys.argv[1]
