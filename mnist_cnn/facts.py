@@ -4,9 +4,9 @@ where and with what it ran. pages.py renders these facts as Markdown and as HTML
 """
 
 import csv
-import typing
 import platform
 import subprocess
+import typing
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path

@@ -39,18 +39,20 @@ from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_sp
 
 
 def load_training_data(data, init, setup):
-    """(uint8 training images, digits, scaler record, the initial network), each checked against what its
-    stage wrote; the network is built inside the data-parallel scope, where its variables must live."""
+    """(uint8 training images, digits, scaler record, its standardization table, the initial network), each
+    checked against what its stage wrote; the network is built inside the data-parallel scope, where its
+    variables must live."""
     try:
         pixels = np.load(data / "pixels_train.npy")
         y = np.load(data / "y_train.npy")
         scaler = read_json(data / "scaler.json")
-        check_pixels(pixels, np.load(data / "x_train.npy", mmap_mode="r"), standardize_table(scaler))
+        table = standardize_table(scaler)
+        check_pixels(pixels, np.load(data / "x_train.npy", mmap_mode="r"), table)
         with setup.in_parallel():
             network = initial_network(setup.keras, init, setup.precision)
     except FileNotFoundError as err:
         raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
-    return pixels, y, scaler, network
+    return pixels, y, scaler, table, network
 
 
 def save_model(out, stage, keras, network, fitted, check_images, trained_with):
@@ -87,7 +89,7 @@ def main(argv=None):
     keras = setup.keras
     data_md5 = check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
     check_files(args.init, ["model.json", "initial.weights.h5"])
-    pixels, y, scaler, network = load_training_data(args.data, args.init, setup)
+    pixels, y, scaler, table, network = load_training_data(args.data, args.init, setup)
     check_split(len(pixels), train.validation_split)
     if scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
         print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "
@@ -106,7 +108,6 @@ def main(argv=None):
             # fit would copy the array into a tensor and keep both: make the copy now, drop the array
             # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
             pixels = keras.ops.convert_to_tensor(pixels)
-        table = standardize_table(scaler)
         with setup.in_parallel():
             fitted = classifier(keras, network, table)
             result = fit(keras, augmented(keras, fitted, train.augment, base.seed), pixels, y, train, live)

@@ -329,11 +329,20 @@ def test_cpu_features_are_read_from_the_flags_line():
     assert cpu_features("model name\t: ?\n") == []
 
 
-def test_an_auto_precision_run_records_what_it_chose(prepared, tmp_path, capsys):
+@pytest.mark.parametrize("flags, chosen", [
+    (["avx2", "fma"], "float32"),                                          # an EPYC with AVX2 only
+    (["avx2", "fma", "avx512f", "avx512_bf16"], "mixed_bfloat16"),          # an EPYC with AVX512-BF16
+    (["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"], "mixed_bfloat16"),  # a Xeon with AMX
+])
+def test_an_auto_precision_run_records_what_it_chose_on_each_kind_of_cpu(prepared, tmp_path, capsys, monkeypatch,
+                                                                          flags, chosen):
+    """The run takes the branch the CPU's flags select, whatever this machine is: the flags are what
+    training.set_up reads, mocked (a bfloat16 run on a CPU without its units is emulated: slower, same code)."""
+    monkeypatch.setattr("mnist_cnn.training.cpu_features", lambda cpuinfo=None: flags)
     _, details = run_train(prepared, tmp_path, **{"train.precision": "auto"})
-    chosen = resolve_precision("auto", "cpu", cpu_features())
-    assert details["precision"] == chosen and details["cpu_features"] == cpu_features()
+    assert details["precision"] == chosen and details["cpu_features"] == flags
     assert f"precision auto: {chosen}" in capsys.readouterr().out
+    assert ("float32_vs_trained" in details) == (chosen == "mixed_bfloat16")  # a bfloat16 run saves float32
 
 
 def test_onednn_is_set_before_tensorflow_starts_for_the_cpu_run_only():
