@@ -15,9 +15,6 @@ from pathlib import Path
 from mnist_cnn.errors import UserError
 
 
-BACKENDS = ("tensorflow", "jax", "torch")
-
-
 def import_keras(backend, device=None):
     """Import Keras on `backend`; device "cpu" hides every GPU from it.
 

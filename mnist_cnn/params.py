@@ -101,7 +101,7 @@ class ModelParams(Strict):
 def check_architecture(model):
     """Refuse layer names Keras would reject and feature maps that shrink below 1x1.
 
-    Returns the side of the last feature map, for the summary.
+    Returns the side of the last feature map.
     """
     names = list(model.conv_blocks) + list(model.dense_layers)
     for group, layers in (("conv_blocks", model.conv_blocks), ("dense_layers", model.dense_layers)):
