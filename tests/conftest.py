@@ -217,9 +217,15 @@ def dvc_env(project):
     return env
 
 
-def dvc(project, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(project),
-                            capture_output=True, text=True)
+def dvc(project, *args, check=True, timeout_s=600):
+    """`dvc ARGS` in project, as the user's shell would run it; a run past timeout_s fails with what it printed."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dvc_env(project),
+                                capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        printed = "\n".join(out if isinstance(out, str) else (out or b"").decode(errors="replace")
+                            for out in (err.stdout, err.stderr))
+        raise AssertionError(f"dvc {' '.join(args)} did not end in {timeout_s} s in {project}:\n{printed}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed in {project}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -6,6 +6,7 @@ On the sample with tiny settings (tests/test_pipeline.py's project fixture).
 import csv
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -26,14 +27,39 @@ def project(tmp_path_factory):
     return make_project(tmp_path_factory)
 
 
+def queue_logs(project):
+    """The queue workers' logs, for a failure's message: what a user would read when the queue stalls."""
+    logs = sorted((project / ".dvc" / "tmp" / "exps").rglob("*.out"))
+    return "\n".join(f"--- {log.relative_to(project)}:\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+
+
 def wait_for_the_queue(project, timeout_s=600):
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
-        status = dvc(project, "queue", "status").stdout
+        status = dvc(project, "queue", "status", timeout_s=120).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
             return status
         time.sleep(1.0)
-    raise AssertionError(f"the queue did not empty in {timeout_s} s:\n{status}")
+    raise AssertionError(f"the queue did not empty in {timeout_s} s:\n{status}\n{queue_logs(project)}")
+
+
+def stop_the_workers(project):
+    """Stops the queue's workers whatever state they are in: DVC's own stop, then any process still working in
+    the project (a worker or its experiment) is killed, so that none outlives the test."""
+    import psutil
+
+    try:
+        dvc(project, "queue", "stop", "--kill", check=False, timeout_s=120)
+    except AssertionError:
+        pass
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    for proc in psutil.process_iter(["pid", "cwd"]):
+        cwd = proc.info["cwd"] or ""
+        if proc.info["pid"] not in ours and (cwd == str(project) or cwd.startswith(f"{project}{os.sep}")):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 def experiment_refs(project):
@@ -108,7 +134,7 @@ def test_a_two_worker_sweep_runs_every_experiment_apart_and_shares_the_cores(pro
         assert (clone / "models" / "cpu" / "classifier.keras").is_file()
         assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
     finally:
-        dvc(project, "queue", "stop", "--kill", check=False)
+        stop_the_workers(project)
         dvc(project, "exp", "remove", *[n for n in experiment_refs(project) if n not in before], check=False)
         subprocess.run(["git", "remote", "remove", "origin"], cwd=project)
         dvc(project, "remote", "remove", "--local", "store", check=False)
