@@ -132,6 +132,7 @@ HISTORICAL = """
     pygtrie==2.6.2
     pyparsing==3.3.3
     pytest==9.0.3
+    pytest-timeout==2.4.0
     python-dateutil==2.9.0.post0
     python-dotenv==1.2.4
     PyYAML==6.0.3

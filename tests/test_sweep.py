@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -33,7 +34,7 @@ def queue_logs(project):
     return "\n".join(f"--- {log.relative_to(project)}:\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
 
 
-def wait_for_the_queue(project, timeout_s=600):
+def wait_for_the_queue(project, timeout_s=300):  # ~75 s on 2 cores
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         status = dvc(project, "queue", "status", timeout_s=120).stdout
@@ -90,13 +91,27 @@ def test_a_two_worker_sweep_runs_every_experiment_apart_and_shares_the_cores(pro
                                                                "TF_NUM_INTEROP_THREADS": "1"}
     assert lines[0][-1] == f"train.learning_rate={','.join(RATES)}"
     before = set(experiment_refs(project))
-    dvc(project, *lines[0][1:])
     env = dvc_env(project) | dict(word.split("=") for word in lines[1][:2])
-    started = subprocess.run([sys.executable, "-m", *lines[1][2:]], cwd=project, env=env,
-                             capture_output=True, text=True)
-    assert started.returncode == 0 and "Started '2' new experiments task queue workers" in started.stdout, started
     try:
-        status = wait_for_the_queue(project)
+        for attempt in (1, 2):
+            dvc(project, *lines[0][1:])
+            started = subprocess.run([sys.executable, "-m", *lines[1][2:]], cwd=project, env=env,
+                                     capture_output=True, text=True, timeout=300)
+            assert started.returncode == 0 and "Started '2' new experiments task queue workers" in started.stdout
+            try:
+                status = wait_for_the_queue(project)
+                break
+            except AssertionError as stalled:
+                # DVC's queue (celery on a file-system broker) now and then stops with tasks left "Running",
+                # open upstream as treeverse/dvc#10398 and #10428: the sweep is run once more, from an empty
+                # queue, and a second stall fails the test with both workers' logs
+                if attempt == 2:
+                    raise
+                warnings.warn(f"DVC's queue stalled; the sweep runs once more. {stalled}", stacklevel=1)
+                stop_the_workers(project)
+                dvc(project, "queue", "remove", "--all", check=False, timeout_s=120)
+                dvc(project, "exp", "remove", *[n for n in experiment_refs(project) if n not in before],
+                    check=False)
         new = {name: ref for name, ref in experiment_refs(project).items() if name not in before}
         assert len(new) == len(RATES), status
         runs = {}
