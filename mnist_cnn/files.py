@@ -3,13 +3,14 @@
 import hashlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from mnist_cnn.errors import Damaged, UserError
-from mnist_cnn.stage import signals_held
+from mnist_cnn.errors import FILE_SIZE_LIMIT, Damaged, UserError, out_of_space
+from mnist_cnn.stage import signals_held, wrote
 
 
 TMP_PREFIX = ".tmp-"  # .gitignore and .dvcignore name it: git never offers it, DVC never hashes it
@@ -33,36 +34,100 @@ def remove_stale(folder):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def staging_dir(folder):
+    """Where an output of `folder` is written before it is renamed into place: the project's .dvc/tmp/staging
+    when on the same disk, else `folder` itself. Never inside an output folder, where a temporary left by a
+    SIGKILL would survive DVC restoring that folder from its run cache (no code of ours runs then)."""
+    folder = Path(folder).resolve()
+    for parent in (folder, *folder.parents):
+        if (parent / ".dvc").is_dir():
+            staging = parent / ".dvc" / "tmp" / "staging"
+            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            try:
+                staging.mkdir(parents=True, exist_ok=True)
+                if staging.stat().st_dev == existing.stat().st_dev:  # a rename cannot cross disks
+                    return staging
+            except OSError:
+                pass
+            break
+    return folder
+
+
 @contextmanager
 def atomic_path(final):
-    """Yield a temporary path beside `final`; rename it into place on success.
+    """Yield a temporary path; rename it into `final` on success.
 
-    Works for files and folders. The temporary folder is `.tmp-<pid>-...`
-    beside `final`: ignored by git and DVC, removed on any error or signal,
-    and, after a SIGKILL, removed by the next run (its pid is gone). The
-    temporary name keeps the final suffix (Keras insists on `.keras` and
+    Works for files and folders. The temporary folder is `.tmp-<pid>-...` in
+    staging_dir (ignored by git and DVC), removed on any error or signal, and,
+    after a SIGKILL, by the next write there (its pid is gone). The temporary
+    name keeps the final suffix (Keras insists on `.keras` and
     `.weights.h5`). An old folder is first renamed out of the way, so that
     `final` is at every moment either the old output, the new one, or absent:
-    never half of either.
+    never half of either. A full disk or a file-size limit while writing is
+    one line naming `final` (a UserError). What was renamed into place is
+    noted (stage.wrote): a stage that fails later removes it, so that a
+    stage's outputs are all of one run or none.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(final.parent)
+    staging = staging_dir(final.parent)
+    remove_stale(final.parent)  # temporaries of older versions, written beside their outputs
+    remove_stale(staging)
     tmp_dir = None
     try:
         with signals_held():  # a signal between mkdtemp and this try would leave the folder behind
             tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f".{final.name}",
-                                            dir=final.parent))
+                                            dir=staging))
         tmp = tmp_dir / final.name
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if out_of_space(err):
+                raise UserError(out_of_space_message(err, final, tmp)) from None
+            raise
         with signals_held():  # the two renames go together: between them there would be no output at all
             if final.is_dir() and not final.is_symlink():
                 os.replace(final, tmp_dir / "old")
             os.replace(tmp, final)
+            wrote(final)
+    except OSError as err:
+        if out_of_space(err):  # mkdtemp on a full disk
+            raise UserError(out_of_space_message(err, final, None)) from None
+        raise
     finally:
         if tmp_dir is not None:
             with signals_held():  # a signal mid-rmtree would leave half of it
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def tree_size(path):
+    if path is None or not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def megabytes(n):
+    return f"{n / 1e6:,.1f} MB"
+
+
+def out_of_space_message(err, final, tmp):
+    """One line: which output, why, and what it needed so far (the size written when the write failed)."""
+    written, why = tree_size(tmp), out_of_space(err)
+    if why == FILE_SIZE_LIMIT:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        where = (f"the limit is {megabytes(limit)} a file (ulimit -f)" if limit != resource.RLIM_INFINITY
+                 else "the file system's largest file")
+        fix = "raise `ulimit -f`, or write to another file system"
+    else:
+        try:
+            where = f"{megabytes(shutil.disk_usage(final.parent).free)} free there"
+        except OSError:
+            where = "its free space unknown"
+        fix = "free some space and run again"
+    return (f"cannot write {final}: {why} after {megabytes(written)} of it ({where}); it needs more than "
+            f"that: {fix}; nothing of this run was kept")
 
 
 def to_json(data, **kwargs):

@@ -27,51 +27,6 @@ from mnist_cnn import IMAGE_SHAPE, N_CLASSES, PIXEL_LEVELS
 from mnist_cnn.errors import UserError
 
 
-def weighted_layers(model):
-    """(fan_in, units, positions) of each layer with weights, in order, from the params alone.
-
-    A conv block: fan_in = kernel^2 x input channels, units = filters, positions
-    = the output map's side^2; a dense layer: positions = 1. Pooling and Flatten
-    only reshape, so they appear in the sides and widths, not as layers.
-    """
-    side, channels, shapes = IMAGE_SHAPE[0], IMAGE_SHAPE[2], []
-    for block in model.conv_blocks.values():
-        side = side - block.kernel_size + 1
-        shapes.append((block.kernel_size ** 2 * channels, block.filters, side * side))
-        channels = block.filters
-        side = side // block.pool_size if block.pool_size else side
-    width = side * side * channels
-    for units in [layer.units for layer in model.dense_layers.values()] + [N_CLASSES]:
-        shapes.append((width, units, 1))
-        width = units
-    return shapes
-
-
-def count_weights(model):
-    """The number of weights Keras holds, computed from the params alone (a check on Keras).
-
-    With batch_norm, each conv and hidden dense layer has no bias (the
-    normalization's shift replaces it) and its normalization 4 per unit: a
-    scale and a shift that train, a mean and a variance that track the batches.
-    """
-    layers = weighted_layers(model)
-    if not model.batch_norm:
-        return sum((fan_in + 1) * units for fan_in, units, _ in layers)
-    *hidden, (fan_in, units, _) = layers
-    return sum((f + 4) * u for f, u, _ in hidden) + (fan_in + 1) * units
-
-
-def train_flops(model):
-    """Floating-point operations to train on one image, from the params alone: 3x the forward pass.
-
-    Forward: 2 per multiply-add of the convolutions and dense layers (biases,
-    activations and pooling are left out: under 1 %). The backward pass costs
-    about twice the forward (gradients for the inputs and for the weights),
-    the usual convention; the seed's CNN: 3 x 5.6 M = 16.8 MFLOP.
-    """
-    return 3 * sum(2 * fan_in * units * positions for fan_in, units, positions in weighted_layers(model))
-
-
 def describe(model):
     """A one-line summary for `dvc exp show`, e.g. 'conv32(3x3,pool2) conv64(3x3) dense70 softmax'."""
     parts = [f"conv{b.filters}({b.kernel_size}x{b.kernel_size}{f',pool{b.pool_size}' if b.pool_size else ''})"

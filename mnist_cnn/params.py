@@ -1,19 +1,26 @@
 """params.yaml: every section's schema, the rules across its keys, and load_params(), which reads it once,
 as DVC reads it, and refuses anything unknown, mistyped or out of range with one line naming the key."""
 
+import math
 import re
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, HttpUrl, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from mnist_cnn import IMAGE_SHAPE
-from mnist_cnn.errors import UserError
+from mnist_cnn import IMAGE_SHAPE, N_CLASSES
+from mnist_cnn.errors import UserError, shown
 
 
 PARAMS_FILE = "params.yaml"
+
+
+# What reading params.yaml may cost, checked before it is parsed: the project's file is ~5 KB and 4 levels
+# deep. ruamel's scanner is quadratic in the nesting (100,000 brackets: 6 minutes), and an alias may stand
+# for a value of any size (a 4 KB "billion laughs" expands to gigabytes), so neither is let through.
+MAX_PARAMS_BYTES = 256 * 1024
+MAX_DEPTH = 16
 
 
 SECTIONS = ("base", "fetch", "preprocess", "model", "train", "evaluate")
@@ -36,7 +43,7 @@ class BaseParams(Strict):
 class FetchParams(Strict):
     url: HttpUrl
     sha256: str
-    timeout_s: float
+    timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)]  # per network read; an hour is no longer a timeout
     allow_sample: bool
 
 
@@ -51,7 +58,8 @@ class PreprocessParams(Strict):
 
 
 class EvaluateParams(Strict):
-    batch_size: PositiveInt
+    batch_size: Annotated[int, Field(gt=0, le=100_000)]
+    max_batch_mb: Annotated[int, Field(gt=0, le=1_048_576)]  # the layers' values for one batch (layer_values)
 
 
 # --- model ---
@@ -79,13 +87,23 @@ class DenseLayer(Strict):
 
 
 class L2Params(Strict):
-    conv: NonNegativeFloat   # penalty on the convolution kernels
-    dense: NonNegativeFloat  # on the dense kernels, output layer included
+    conv: Annotated[float, Field(ge=0.0, le=10.0)]   # penalty on the convolution kernels
+    dense: Annotated[float, Field(ge=0.0, le=10.0)]  # on the dense kernels, output layer included
+
+
+class ModelLimits(Strict):
+    """What the network may cost, checked from params before anything is built (layer_values); raise a limit here,
+    in params.yaml, so that the run that needs it stays reproducible."""
+
+    weights: Annotated[int, Field(gt=0, le=10**10)]
+    mflops_per_image: Annotated[float, Field(gt=0.0, le=10**7)]  # one forward pass, multiply-adds counted as 2
+    layers: Annotated[int, Field(gt=0, le=1000)]                 # conv blocks plus dense layers
 
 
 class ModelParams(Strict):
     conv_blocks: dict[str, ConvBlock]
     dense_layers: dict[str, DenseLayer]
+    limits: ModelLimits
     output_activation: Literal["softmax", "sigmoid"]
     l2: L2Params
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # before each dense layer
@@ -93,9 +111,120 @@ class ModelParams(Strict):
 
     @model_validator(mode="after")
     def _together(self):
-        """The architecture's own rules: every stage that reads `model` sees them."""
+        """The architecture's own rules and its cost: every stage that reads `model` sees them."""
+        check_layer_count(self)
         check_architecture(self)
+        check_cost(self)
         return self
+
+
+def check_layer_count(model):
+    layers = len(model.conv_blocks) + len(model.dense_layers)
+    if layers > model.limits.layers:
+        raise UserError(f"params.yaml: model has {layers:,} layers (conv_blocks and dense_layers), over "
+                        f"model.limits.layers = {model.limits.layers:,}; use fewer, or raise the limit")
+
+
+def weighted_layers(model):
+    """(fan_in, units, positions) of each layer with weights, in order, from the params alone.
+
+    A conv block: fan_in = kernel^2 x input channels, units = filters, positions
+    = the output map's side^2; a dense layer: positions = 1. Pooling and Flatten
+    only reshape, so they appear in the sides and widths, not as layers.
+    """
+    side, channels, shapes = IMAGE_SHAPE[0], IMAGE_SHAPE[2], []
+    for block in model.conv_blocks.values():
+        side = side - block.kernel_size + 1
+        shapes.append((block.kernel_size ** 2 * channels, block.filters, side * side))
+        channels = block.filters
+        side = side // block.pool_size if block.pool_size else side
+    width = side * side * channels
+    for units in [layer.units for layer in model.dense_layers.values()] + [N_CLASSES]:
+        shapes.append((width, units, 1))
+        width = units
+    return shapes
+
+
+def count_weights(model):
+    """The number of weights Keras holds, computed from the params alone (a check on Keras).
+
+    With batch_norm, each conv and hidden dense layer has no bias (the
+    normalization's shift replaces it) and its normalization 4 per unit: a
+    scale and a shift that train, a mean and a variance that track the batches.
+    """
+    layers = weighted_layers(model)
+    if not model.batch_norm:
+        return sum((fan_in + 1) * units for fan_in, units, _ in layers)
+    *hidden, (fan_in, units, _) = layers
+    return sum((f + 4) * u for f, u, _ in hidden) + (fan_in + 1) * units
+
+
+def train_flops(model):
+    """Floating-point operations to train on one image, from the params alone: 3x the forward pass.
+
+    Forward: 2 per multiply-add of the convolutions and dense layers (biases,
+    activations and pooling are left out: under 1 %). The backward pass costs
+    about twice the forward (gradients for the inputs and for the weights),
+    the usual convention; the seed's CNN: 3 x 5.6 M = 16.8 MFLOP.
+    """
+    return 3 * forward_flops(model)
+
+
+def forward_flops(model):
+    """One image's forward pass: 2 per multiply-add of the convolutions and dense layers."""
+    return sum(2 * fan_in * units * positions for fan_in, units, positions in weighted_layers(model))
+
+
+def layer_values(model):
+    """Every layer's outputs for one image, from the params alone (values_per_image reads the same off a built
+    network): a batch holds batch_size times as many, and training as many gradients again."""
+    side, values = IMAGE_SHAPE[0], 0
+    per_layer = 3 if model.batch_norm else 1  # the layer's, its normalization's and its activation's outputs
+    for block in model.conv_blocks.values():
+        side = side - block.kernel_size + 1
+        values += side * side * block.filters
+        if block.pool_size:
+            side //= block.pool_size
+            values += side * side * block.filters
+        values += (per_layer - 1) * side * side * block.filters
+        channels = block.filters
+    width = side * side * channels
+    values += width  # Flatten
+    for units in [layer.units for layer in model.dense_layers.values()]:
+        values += units * per_layer + (width if model.dropout else 0)
+        width = units
+    return values + N_CLASSES + (width if model.dropout else 0)
+
+
+def values_per_image(network):
+    """layer_values read off a built Keras network: for the stages that have the network and not the
+    model params (train, evaluate). Tests check that the two agree."""
+    return sum(math.prod(layer.output.shape[1:]) for layer in network.layers)
+
+
+def check_cost(model):
+    """Refuse a network over model.limits, with its figure and the key that would allow it."""
+    weights, flops, limits = count_weights(model), forward_flops(model), model.limits
+    if weights > limits.weights:
+        raise UserError(f"params.yaml: this model has {weights:,} weights, over model.limits.weights = "
+                        f"{limits.weights:,}; use fewer filters or units, pool sooner, or raise the limit")
+    if flops / 1e6 > limits.mflops_per_image:
+        raise UserError(f"params.yaml: this model costs {flops / 1e6:,.0f} MFLOP per image, over "
+                        f"model.limits.mflops_per_image = {limits.mflops_per_image:,g} (the seed's: 5.6); use "
+                        f"fewer filters, pool sooner, or raise the limit")
+
+
+def batch_megabytes(values_per_image, batch_size, training):
+    """The layers' values for one batch, in MB of float32: in training each has its gradient beside it."""
+    return values_per_image * batch_size * 4 * (2 if training else 1) / 1e6
+
+
+def check_batch_memory(values_per_image, batch_size, limit_mb, keys, training):
+    """Refuse a batch whose layer values would pass limit_mb; keys: (the batch size's key, the limit's key)."""
+    need = batch_megabytes(values_per_image, batch_size, training)
+    if need > limit_mb:
+        raise UserError(f"params.yaml: a batch of {batch_size:,} needs about {need:,.0f} MB for this model's "
+                        f"layer values, over {keys[1]} = {limit_mb:,}; lower {keys[0]}, or raise the limit")
 
 
 def check_architecture(model):
@@ -107,7 +236,7 @@ def check_architecture(model):
     for group, layers in (("conv_blocks", model.conv_blocks), ("dense_layers", model.dense_layers)):
         for name in layers:
             if not LAYER_NAME.match(name) or name in ("flatten", "output") or names.count(name) > 1:
-                raise UserError(f"params.yaml: model.{group}.{name}: layer names must be unique, "
+                raise UserError(f"params.yaml: model.{group}.{key_text(name)}: layer names must be unique, "
                                 f"start with a letter, use letters, digits and _, and not be flatten/output")
     if not model.conv_blocks:
         raise UserError("params.yaml: model.conv_blocks is empty; this is a convolutional network, "
@@ -115,12 +244,12 @@ def check_architecture(model):
     side = IMAGE_SHAPE[0]
     for name, block in model.conv_blocks.items():
         if block.kernel_size > side:
-            raise UserError(f"params.yaml: model.conv_blocks.{name}.kernel_size = {block.kernel_size}: "
+            raise UserError(f"params.yaml: model.conv_blocks.{key_text(name)}.kernel_size = {block.kernel_size}: "
                             f"the feature map is only {side}x{side} here; use a smaller kernel or fewer blocks")
         side = side - block.kernel_size + 1
         if block.pool_size:
             if block.pool_size > side:
-                raise UserError(f"params.yaml: model.conv_blocks.{name}.pool_size = {block.pool_size}: "
+                raise UserError(f"params.yaml: model.conv_blocks.{key_text(name)}.pool_size = {block.pool_size}: "
                                 f"the feature map is only {side}x{side} here; pool less or set it to null")
             side //= block.pool_size
     return side
@@ -130,6 +259,9 @@ def check_architecture(model):
 
 
 SPARSE_LOSSES = ("sparse_categorical_crossentropy",)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max: past it a rate is infinite in the optimizer
 
 
 FLOAT32_TINY = 2.0**-126  # float32's smallest normal number, 1.1754944e-38 (np.finfo(np.float32).tiny)
@@ -146,7 +278,7 @@ class CpuParams(Strict):
 
 class GpuParams(Strict):
     memory_growth: bool
-    memory_limit_mb: PositiveInt | None
+    memory_limit_mb: Annotated[int, Field(gt=0, le=1_048_576)] | None
 
 
 class AugmentParams(Strict):
@@ -156,13 +288,13 @@ class AugmentParams(Strict):
 
 
 class TrainParams(Strict):
-    devices: Annotated[list[Literal["cpu", "gpu"]], Field(min_length=1)]
+    devices: Annotated[list[Literal["cpu", "gpu"]], Field(min_length=1, max_length=2)]
     epochs: Annotated[int, Field(gt=0, le=10_000)]
     batch_size: Annotated[int, Field(gt=0, le=60_000)]
     steps_per_execution: Annotated[int, Field(gt=0, le=10_000)]
     replicas: Annotated[int, Field(ge=1, le=64)]  # data parallelism over this many devices of the host
     optimizer: Literal["rmsprop", "sgd", "adam"]
-    learning_rate: PositiveFloat
+    learning_rate: Annotated[float, Field(gt=0.0, le=FLOAT32_MAX)]  # the optimizers keep it in float32
     lr_schedule: Literal["constant", "exponential", "step", "cosine"]
     lr_decay_rate: Annotated[float, Field(gt=0.0, le=1.0)]
     lr_decay_epochs: Annotated[float, Field(gt=0.0, le=10_000)]
@@ -173,6 +305,7 @@ class TrainParams(Strict):
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)]
     precision: Literal["float32", "mixed_bfloat16", "auto"]
     augment: AugmentParams
+    max_batch_mb: Annotated[int, Field(gt=0, le=1_048_576)]  # one batch's layer values and gradients
     cpu: CpuParams
     gpu: GpuParams
 
@@ -237,9 +370,9 @@ def load_params(path, **schemas):
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)})")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
     if unknown:
-        raise UserError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+        raise UserError(f"{path}: unknown section {shown(unknown[0])}; allowed: {', '.join(SECTIONS)}")
     return {name: validate(raw.get(name), schema, name, path) for name, schema in schemas.items()}
 
 
@@ -255,7 +388,12 @@ def read_yaml(path):
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
     try:
-        text = path.read_bytes().decode("utf-8")
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise UserError(f"{path} is {size:,} bytes, over the limit of {MAX_PARAMS_BYTES:,}; params.yaml "
+                            f"holds settings, not data (the project's is about 5 KB)")
+        data = path.read_bytes()[:MAX_PARAMS_BYTES + 1]
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project root, where params.yaml is") from None
     except UnicodeDecodeError as err:
@@ -263,15 +401,42 @@ def read_yaml(path):
         raise UserError(f"{path}: line {line} is not UTF-8 text (byte {err.object[err.start]:#04x}); "
                         f"save the file as UTF-8") from None
     try:
+        check_structure(text, path)
         return YAML(typ="safe").load(text)
     except DuplicateKeyError as err:
-        raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}; "
+        raise UserError(f"{path}: line {err.problem_mark.line + 1}: {clip(err.problem)}; "
                         f"keep one of the two") from None
     except MarkedYAMLError as err:
         where = f"line {err.problem_mark.line + 1}: " if err.problem_mark else ""
-        raise UserError(f"{path} is not valid YAML: {where}{err.problem or err.context}") from None
+        raise UserError(f"{path} is not valid YAML: {where}{clip(err.problem or err.context)}") from None
     except YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise UserError(f"{path} is not valid YAML: {clip(err)}") from None
+
+
+def clip(text, limit=160):
+    """A parser's own words, which may quote a value of any size, cut to one short line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit - 4]} ..."
+
+
+def check_structure(text, path):
+    """Refuse aliases and deep nesting from the parser's events, before anything is built from them (the
+    events come one at a time: the scan stops at the first problem)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
+
+    depth = 0
+    for event in YAML(typ="safe").parse(text):
+        if isinstance(event, AliasEvent):
+            raise UserError(f"{path}: line {event.start_mark.line + 1}: a YAML alias (*{event.anchor[:40]}); "
+                            f"write the value out (an alias can stand for a value of any size)")
+        if isinstance(event, CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UserError(f"{path}: line {event.start_mark.line + 1}: nested over {MAX_DEPTH} levels deep; "
+                                f"params.yaml's sections are 4 levels deep")
+        elif isinstance(event, CollectionEndEvent):
+            depth -= 1
 
 
 def validate(section, schema, name, path=PARAMS_FILE):
@@ -291,13 +456,13 @@ def validate(section, schema, name, path=PARAMS_FILE):
             raise UserError(f"{path}: unknown key {key}; allowed here: {allowed}") from None
         if first["type"] == "missing":
             raise UserError(f"{path}: missing key {key}; add it (see README.md)") from None
-        raise UserError(f"{path}: {key} = {first['input']!r}: {first['msg']}") from None
+        raise UserError(f"{path}: {key} = {shown(first['input'])}: {first['msg']}") from None
 
 
 def key_text(part):
     """A key as the message shows it: plain names as they are, anything else quoted (no line breaks)."""
     part = str(part)
-    return part if part.replace("_", "").isalnum() and part.isascii() else repr(part)
+    return part if part.replace("_", "").isalnum() and part.isascii() and len(part) <= 80 else shown(part)
 
 
 def _allowed_keys(schema, loc):

@@ -8,6 +8,7 @@ ends the stage with one line, and under DVC the dvc process is noted before the 
 import hashlib
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mnist_cnn.errors import UserError
+from mnist_cnn.errors import UserError, out_of_space, printable
 
 
 class Interrupted(BaseException):
@@ -57,6 +58,25 @@ def signals_held():
             raise Interrupted(pending)
 
 
+_written = []  # the outputs this run renamed into place (files.atomic_path), removed if it then fails
+
+
+def wrote(path):
+    _written.append(Path(path))
+
+
+def discard_written():
+    """Remove what this run wrote: a stage that fails after writing one output leaves none of this run's
+    (DVC removed the last run's before it started), so no output is of another run than its neighbours."""
+    with signals_held():
+        while _written:
+            path = _written.pop()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def run(main):
     """Run a stage's main(): a UserError becomes one line on stderr and exit 1.
 
@@ -70,9 +90,14 @@ def run(main):
     if stage:
         watch_dvc()
     quiet = QuietStderr()
+    _written.clear()
     try:
         with quiet:
-            main()
+            try:
+                main()
+            except (Exception, Interrupted):  # not SystemExit: a tool's own verdict (predict: some files failed)
+                discard_written()
+                raise
         # done and written: a signal from here on (Python's shutdown would die of it) changes nothing
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -80,6 +105,13 @@ def run(main):
             quick_exit()
     except UserError as err:
         sys.exit(f"error: {err}{restore_hint(stage) if err.restorable else ''}")
+    except OSError as err:
+        why = out_of_space(err)
+        if not why:
+            raise
+        # written outside atomic_path (a library's own temporary file, say): one line all the same
+        sys.exit(f"error: cannot write {printable(err.filename or 'a file')}: {why}; free some space (or raise "
+                 f"`ulimit -f`) and run again; nothing of this run was kept{restore_hint(stage)}")
     except Interrupted as err:
         signum = err.args[0]
         why = "dvc, which ran this stage, is gone" if _dvc_gone.is_set() else f"interrupted by {signum.name}"

@@ -27,6 +27,17 @@ MAX_PIXELS = 50_000_000
 MAX_IMAGES = 100_000  # per .npz file (MNIST's whole test set is 10,000)
 
 
+# The formats a digit's photo, scan or drawing comes in; Pillow opens no other. Never PostScript, EPS or PDF,
+# which Pillow hands to Ghostscript (a program run on the file, written to /tmp first), nor the rarer formats
+# whose decoders are the least exercised.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+# A picture too small or too thin to hold a digit gets that answer, not the classifier's guess
+MIN_SIDE = 8          # pixels, the short side
+MAX_ASPECT = 8.0      # long side over short side (a "1" photographed alone is about 1:4)
+
+
 WORK_SIDE = 1024      # larger images are first reduced to this long side: a digit needs no more
 
 
@@ -399,11 +410,17 @@ def read_image(source, name=None):
 
     name = source if name is None else name
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard warns, then raises, past it: ours below is one line
-    with Image.open(source) as img:
+    with Image.open(source, formats=FORMATS) as img:
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise UserError(f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}; "
                             f"scale it down first")
+        if min(width, height) < MIN_SIDE:
+            raise NoDigit(f"{name}: {width}x{height} pixels is too small to hold a digit (at least {MIN_SIDE} "
+                          f"pixels a side)")
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise NoDigit(f"{name}: {width}x{height} pixels is too thin to hold a digit (at most "
+                          f"{MAX_ASPECT:g} to 1); crop the picture around the digit")
         img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a reduced scale where it can
         if max(img.size) > WORK_SIDE:
             img = img.copy()
@@ -421,9 +438,22 @@ def to_8_bits(values):
     return np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
 
 
-def reading_failure(err):
-    """Any exception reading or preparing one picture, as one line that names it."""
-    return f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+def reading_failure(err, detail=True):
+    """Any exception reading or preparing one picture, as one line. detail=False (the page, whose client is
+    anyone): its kind alone, never its text, which may hold paths, commands or a library's internals."""
+    if isinstance(err, PermissionError):
+        return "permission denied; make the file readable (chmod u+r)"
+    if detail:
+        return f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+    return f"cannot be read ({type(err).__name__}); {UNREADABLE}"
+
+
+UNREADABLE = f"give a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} picture of a digit"
+
+
+def not_an_image(err):
+    """A file Pillow cannot open as one of FORMATS, in one line."""
+    return f"not a picture this tool reads ({type(err).__name__}); {UNREADABLE}"
 
 
 def to_mnist_or_none(gray):

@@ -20,8 +20,8 @@ import numpy as np
 
 from mnist_cnn.backend import import_keras
 from mnist_cnn.files import atomic_path, write_json, write_manifest
-from mnist_cnn.model import build_model, count_weights, describe, initial_weights, layer_table, train_flops
-from mnist_cnn.params import PARAMS_FILE, BaseParams, ModelParams, load_params
+from mnist_cnn.model import build_model, describe, initial_weights, layer_table
+from mnist_cnn.params import PARAMS_FILE, BaseParams, ModelParams, count_weights, load_params, train_flops
 from mnist_cnn.stage import run
 from mnist_cnn.tables import LAYER_COLUMNS, layer_rows, markdown_table
 

@@ -21,7 +21,7 @@ from mnist_cnn import N_CLASSES, SIDE
 from mnist_cnn.backend import import_keras
 from mnist_cnn.errors import UserError
 from mnist_cnn.files import atomic_path, check_files, read_json, write_json
-from mnist_cnn.params import PARAMS_FILE, BaseParams, EvaluateParams, load_params
+from mnist_cnn.params import PARAMS_FILE, BaseParams, EvaluateParams, check_batch_memory, load_params, values_per_image
 from mnist_cnn.stage import run
 
 DIGITS = list(range(N_CLASSES))
@@ -148,7 +148,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot load the test data or the {args.device} model ({err}); "
                         f"run `dvc repro` to make them") from None
-    probs = np.asarray(model.predict(x, batch_size=params["evaluate"].batch_size, verbose=0), dtype=np.float64)
+    evaluate = params["evaluate"]
+    check_batch_memory(values_per_image(model), evaluate.batch_size, evaluate.max_batch_mb,
+                       ("evaluate.batch_size", "evaluate.max_batch_mb"), training=False)
+    probs = np.asarray(model.predict(x, batch_size=evaluate.batch_size, verbose=0), dtype=np.float64)
 
     if not np.isfinite(probs).all():
         raise UserError(f"the {args.device} model gives NaN or infinite probabilities on the test set; nothing "

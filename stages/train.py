@@ -32,7 +32,8 @@ from mnist_cnn.backend import on_gpu, placement, thread_env
 from mnist_cnn.errors import UserError
 from mnist_cnn.files import atomic_path, check_files, read_json, to_json, write_json, write_manifest
 from mnist_cnn.model import check_pixels, classifier, in_float32, initial_network, standardize_table
-from mnist_cnn.params import PARAMS_FILE, BaseParams, TrainParams, check_train, load_params, train_params_for
+from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
+                              train_params_for, values_per_image)
 from mnist_cnn.stage import run
 from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_split, export_onnx, fit, fit_size,
                                 run_record, set_up)
@@ -90,6 +91,8 @@ def main(argv=None):
     data_md5 = check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
     check_files(args.init, ["model.json", "initial.weights.h5"])
     pixels, y, scaler, table, network = load_training_data(args.data, args.init, setup)
+    check_batch_memory(values_per_image(network), train.batch_size, train.max_batch_mb,
+                       ("train.batch_size", "train.max_batch_mb"), training=True)
     check_split(len(pixels), train.validation_split)
     if scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
         print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "

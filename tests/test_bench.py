@@ -104,7 +104,7 @@ def test_the_profile_summary_names_the_step_and_its_largest_ops():
 
 def test_the_accurate_preset_is_valid_params_for_every_stage_that_reads_them(tmp_path):
     from mnist_cnn.params import ModelParams
-    from mnist_cnn.model import count_weights
+    from mnist_cnn.params import count_weights
     from mnist_cnn.params import PreprocessParams
 
     speed = load_speed()

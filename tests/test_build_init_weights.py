@@ -12,8 +12,9 @@ from mnist_cnn.errors import UserError
 from mnist_cnn.backend import import_keras
 from mnist_cnn.params import validate
 from tests.conftest import ROOT, tiny_params, write_params
-from mnist_cnn.model import build_model, count_weights, describe, initial_weights, train_flops
-from mnist_cnn.params import L2Params, ModelParams, check_architecture
+from mnist_cnn.model import build_model, describe, initial_weights
+from mnist_cnn.params import (L2Params, ModelParams, check_architecture, count_weights, layer_values, train_flops,
+                              values_per_image)
 
 
 def default_model():
@@ -43,10 +44,13 @@ def test_training_flops_per_image_of_the_seed_architecture():
 ])
 def test_keras_agrees_with_the_count_from_params(conv, dense, batch_norm):
     model = validate({"conv_blocks": conv, "dense_layers": dense, "output_activation": "sigmoid",
-                      "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3, "batch_norm": batch_norm},
+                      "l2": {"conv": 0.01, "dense": 0.0}, "dropout": 0.3, "batch_norm": batch_norm,
+                      "limits": default_model().limits.model_dump()},
                      ModelParams, "model")
     keras = import_keras("tensorflow", device="cpu")
-    assert build_model(keras, model).count_params() == count_weights(model)
+    network = build_model(keras, model)
+    assert network.count_params() == count_weights(model)
+    assert values_per_image(network) == layer_values(model)  # what train and evaluate bound a batch by
 
 
 def shrinking(kernel, pool):
@@ -55,7 +59,7 @@ def shrinking(kernel, pool):
         "c2": {"filters": 4, "kernel_size": 5, "activation": "relu", "pool_size": 2},   # 12 -> 8 -> 4
         "c3": {"filters": 4, "kernel_size": kernel, "activation": "relu", "pool_size": pool}},
         "dense_layers": {}, "output_activation": "softmax", "l2": {"conv": 0.0, "dense": 0.0}, "dropout": 0.0,
-        "batch_norm": False}
+        "batch_norm": False, "limits": default_model().limits.model_dump()}
 
 
 @pytest.mark.parametrize("kernel, pool, key", [(5, None, "c3.kernel_size"), (3, 3, "c3.pool_size")])

@@ -205,3 +205,99 @@ def test_predict_answers_or_gives_one_line_per_file_and_never_raises(model, tmp_
     assert (code == 1) == any("error" in r for r in results)
     event("answered" if any("digit" in r for r in results) else "refused")
 
+
+
+# --- params.yaml's structure: aliases, depth, size ---
+
+def yaml_structure():
+    """YAML text built from anchors, aliases, flow and block nesting, long scalars and odd bytes."""
+    atom = st.one_of(st.integers().map(str), st.floats(allow_nan=True).map(repr), st.text(max_size=20).map(json.dumps),
+                     st.sampled_from(["*a", "*b", "&a 1", "&b [1, 2]", "~", "!!binary AAAA", "{", "]", "\x1b[2J",
+                                      "x" * 3_000]))
+    return st.recursive(atom, lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]"),
+        st.lists(st.tuples(st.sampled_from(["a", "b", "train", "epochs", "\x00", "&k key"]), inner),
+                 max_size=4).map(lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}"),
+        st.integers(1, 40).map(lambda n: "[" * n + "]" * n)), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=yaml_structure(), where=st.sampled_from(["train", "model", "extra"]))
+def test_params_of_any_structure_are_read_or_refused_in_one_line_in_bounded_time(tmp_path, body, where):
+    import time
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = yaml.safe_dump(params, sort_keys=False) + f"{where}_extra: {body}\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    try:
+        load_params(path, **SECTIONS)
+    except UserError as err:
+        message = str(err)
+        assert "\n" not in message and len(message) < 600 and "\x1b" not in message and "\x00" not in message
+        event("refused: " + message.split(":", 2)[-1].split(";")[0].strip()[:40])
+    assert time.perf_counter() - start < 5.0
+
+
+# --- the drawing page's HTTP surface ---
+
+@pytest.fixture(scope="module")
+def page_server(model, tmp_path_factory):
+    """The page on a free port, with tight timeouts so that slow clients show within the test's time."""
+    from tests.test_serve import start_server, stop_server
+
+    tmp = tmp_path_factory.mktemp("page")
+    proc, url, folder = start_server((model,), tmp, BODY_TIMEOUT_S=2, HEADER_TIMEOUT_S=2)
+    yield url, folder
+    stop_server(proc)  # still up, and its stderr one line per failure: what the fuzzing did not break
+
+
+def http_request():
+    method = st.sampled_from(["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE", "CONNECT",
+                              "BREW", "G\x00T", ""])
+    path = st.sampled_from(["/", "/predict", "/predict?x=1", "/../../etc/passwd", "/%2e%2e/", "//predict", "*",
+                            "/" + "a" * 10_000, "/\x1b[2J"])
+    header = st.tuples(st.sampled_from(["Origin", "Host", "Sec-Fetch-Site", "Content-Type", "Content-Length",
+                                        "Transfer-Encoding", "Expect", "X-" + "a" * 100, "Bad Header"]),
+                       st.sampled_from(["null", "http://evil.example", "chunked", "100-continue", "-1", "0",
+                                        "99999999999999999999", "image/png", "cross-site", "\x1b", "a" * 9000]))
+    body = st.one_of(st.binary(max_size=2000), st.sampled_from([b"", b"%!PS-Adobe-3.0 EPSF-3.0\n", b"\x89PNG\r\n"]))
+    return st.tuples(method, path, st.lists(header, max_size=5), body, st.sampled_from(["complete", "stall", "cut"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=http_request())
+def test_the_page_answers_any_request_in_bounded_time_and_stays_up(page_server, request):
+    import socket
+    import time
+    import urllib.request
+
+    url, folder = page_server
+    method, path, headers, body, ending = request
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *[f"{k}: {v}" for k, v in headers]]
+    if not any(k == "Content-Length" for k, _ in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw[:len(raw) // 2] if ending == "cut" else raw)
+        if ending == "stall":
+            sock.sendall(b"")  # and nothing more: the server's timeouts end it
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+                if ending == "complete" and b"\r\n\r\n" in reply:
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert time.perf_counter() - start < 8.0  # the 2 s timeouts, and an answer's own time
+    if reply:
+        status = reply.split(b" ", 2)[1]
+        assert status.isdigit() and (not status.startswith(b"5") or status == b"503"), reply[:300]  # never a 500
+        event(f"status {status.decode()}")
+    with urllib.request.urlopen(url, timeout=10) as page:  # and the page is still served to everyone else
+        assert page.status == 200
+    assert list(folder.iterdir()) == []  # nothing written, whatever came in

@@ -251,7 +251,7 @@ def test_an_npz_of_more_images_than_the_limit_is_refused_from_its_headers(tmp_pa
     path = tmp_path / "many.npz"
     np.savez_compressed(path, x=np.zeros((100_001, 28, 28), np.uint8))  # 78 MB of zeros in a small file
     with pytest.raises(UserError, match="100,001 images is over the limit of 100,000 per file"):
-        predict.read_inputs(path)
+        predict.open_input(path)
 
 
 @pytest.mark.parametrize("damage", [b"actual,predicted\n3,x\n", b"\xff\xfe garbage", b"a,b\n1,2\n"])

@@ -20,7 +20,7 @@ import yaml
 from stages import report
 from tests.conftest import (ALL_CPU_STAGES, CHROMIUM, ROOT, SCHEMAS, dvc, dvc_env, needs_chromium, ran, readme_block,
                             tiny_params, write_params)
-from mnist_cnn.model import count_weights
+from mnist_cnn.params import count_weights
 from mnist_cnn.params import EvaluateParams, FetchParams, ModelParams, PreprocessParams, TrainParams
 
 

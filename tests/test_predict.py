@@ -69,7 +69,8 @@ def test_bad_files_get_one_line_each_and_the_others_still_answers(trained, tmp_p
     assert [line.split(": ")[0] for line in out.splitlines()[1:]] == [
         f"{arrays}:first[0]", f"{arrays}:rest[0]", f"{arrays}:rest[1]"]
     assert err.splitlines() == [f"error: {empty}: empty file",
-                                f"error: {text}: not an image PIL can read (UnidentifiedImageError)",
+                                f"error: {text}: not a picture this tool reads (UnidentifiedImageError); "
+                                f"give a PNG, JPEG, WEBP, GIF, BMP or TIFF picture of a digit",
                                 f"error: {tmp_path / 'missing.png'}: no such file"]
 
 
@@ -77,7 +78,7 @@ def test_npz_of_the_wrong_shape_is_refused(tmp_path):
     path = tmp_path / "x.npz"
     np.savez(path, x=np.zeros((3, 32, 32)))
     with pytest.raises(UserError, match=r"array 'x' has shape \(3, 32, 32\); expected \(28, 28\)"):
-        predict.read_inputs(path)
+        predict.open_input(path)
 
 
 def test_to_mnist_keeps_28x28_and_centres_bigger_images(sample_raw):

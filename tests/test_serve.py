@@ -1,7 +1,11 @@
 """The drawing page (tools/serve.py): a real server on a free port, driven by headless Chromium."""
 
+import io
 import json
+import re
+import socket
 import subprocess
+import time
 import sys
 import urllib.error
 import urllib.request
@@ -14,32 +18,53 @@ from tests.conftest import CHROMIUM, needs_chromium
 pytestmark = pytest.mark.e2e  # a real server driven by headless Chromium
 
 
-@pytest.fixture
-def server(trained, tmp_path):
-    """`python -m tools.serve --port 0` in an empty folder; (its URL, the folder); stopped whatever happens."""
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (\d{3}|server): \S")  # serve's one line per failure
+
+
+def start_server(trained, tmp_path, **limits):
+    """`python -m tools.serve --port 0` in an empty folder, LIMITS changed as given; (process, URL, folder)."""
     folder, home = tmp_path / "cwd", tmp_path / "home"
     folder.mkdir()
     home.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", str(trained[0]), "--port", "0"],
+    code = ("import sys, tools.serve as s\n" + "".join(f"s.{k} = {v!r}\n" for k, v in limits.items())
+            + "from mnist_cnn.stage import run\nrun(lambda: s.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(trained[0]), "--port", "0"],
                             cwd=folder, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving on http://127.0.0.1:"):
+        proc.kill()
+        raise AssertionError(line + proc.stderr.read())
+    return proc, line.split()[2], folder
+
+
+def stop_server(proc):
+    """Stop it as Ctrl-C would; it says "stopped", and its stderr is one line per failure, no traceback."""
+    proc.terminate()
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving on http://127.0.0.1:"), line + proc.stderr.read()
-        yield line.split()[2], folder
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0 and out.strip() == "stopped", (proc.returncode, out, err)
+    assert all(LOG_LINE.match(line) for line in err.splitlines()), err
+    return err.splitlines()
+
+
+@pytest.fixture
+def server(trained, tmp_path):
+    """The page, as the README starts it; (its URL, the folder); stopped whatever happens."""
+    proc, url, folder = start_server(trained, tmp_path)
+    try:
+        yield url, folder
     finally:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0 and out.strip() == "stopped" and err == "", (proc.returncode, out, err)
+        stop_server(proc)
 
 
-def post(url, data):
+def post(url, data, headers=None):
+    request = urllib.request.Request(url + "predict", data=data, method="POST", headers=headers or {})
     try:
-        with urllib.request.urlopen(urllib.request.Request(url + "predict", data=data, method="POST")) as r:
+        with urllib.request.urlopen(request, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -59,7 +84,7 @@ def test_the_server_answers_images_and_refuses_bad_uploads_in_one_line(server, t
     assert status == 200 and result["digit"] == oracle[0] and len(result["probabilities"]) == 10
     view = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(result["view"].split(",")[1]))))
     assert np.array_equal(view, images[0])  # a 28x28 MNIST image is seen as it is
-    for data, message in [(b"", "the upload is empty"), (b"not a picture", "not an image PIL can read"),
+    for data, message in [(b"", "the upload is empty"), (b"not a picture", "not a picture this tool reads"),
                           (b"\0" * (50 * 10**6 + 1), "over the limit of 50 MB")]:
         status, result = post(url, data)
         assert status in (400, 413) and message in result["error"] and "\n" not in result["error"]
@@ -110,7 +135,7 @@ def test_drawing_a_digit_with_the_mouse_shows_its_prediction_and_a_bad_upload_an
             expect(page.locator("#digit")).to_have_text("7", timeout=15_000)
 
             page.set_input_files("#file", str(bad))
-            expect(page.locator("#error")).to_contain_text("not an image PIL can read", timeout=15_000)
+            expect(page.locator("#error")).to_contain_text("not a picture this tool reads", timeout=15_000)
             expect(page.locator("#digit")).to_have_text("")
 
             # An upload made while drawings are still being encoded and sent wins over every one of them.
@@ -118,7 +143,7 @@ def test_drawing_a_digit_with_the_mouse_shows_its_prediction_and_a_bad_upload_an
                 draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])
                 page.set_input_files("#file", str(bad))
                 page.wait_for_timeout(1_500)  # time for any answer to the drawing to come in, and be dropped
-                expect(page.locator("#error")).to_contain_text("not an image PIL can read", timeout=15_000)
+                expect(page.locator("#error")).to_contain_text("not a picture this tool reads", timeout=15_000)
                 expect(page.locator("#digit")).to_have_text("")
         finally:
             browser.close()
@@ -137,3 +162,119 @@ def test_a_port_in_use_is_one_line(trained, tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (address already in use); "
                                                f"try another --port (0: any free one)"]
+
+
+def digit_png(trained):
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(trained[1][0]).save(png, format="PNG")
+    return png.getvalue()
+
+
+def test_another_site_cannot_use_the_page_and_curl_still_can(server, trained):
+    url, folder = server
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    png = digit_png(trained)
+    own = url.rstrip("/")
+    assert post(url, png)[0] == 200  # curl --data-binary: no Origin, no Sec-Fetch-Site
+    assert post(url, png, {"Origin": own, "Sec-Fetch-Site": "same-origin", "Content-Type": "image/png"})[0] == 200
+    assert post(url, png, {"Host": f"localhost:{port}"})[0] == 200
+    for headers, why in [({"Origin": "http://evil.example", "Content-Type": "text/plain"}, "another origin"),
+                         ({"Sec-Fetch-Site": "cross-site"}, "from another site"),
+                         ({"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"}, "from another site"),
+                         ({"Origin": "null"}, "another origin"),
+                         ({"Host": f"rebound.example:{port}"}, "Host rebound.example")]:
+        status, answer = post(url, png, headers)
+        assert status == 403 and why in answer["error"] and "\n" not in answer["error"], (headers, answer)
+    page = urllib.request.Request(url, headers={"Sec-Fetch-Site": "cross-site"})  # a link from elsewhere: the page
+    with urllib.request.urlopen(page, timeout=30) as r:
+        assert r.status == 200
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 0 0 moveto 28 28 lineto stroke\nshowpage\n"
+    status, answer = post(url, eps)
+    assert status == 400 and answer["error"].startswith("not a picture this tool reads (UnidentifiedImageError)")
+    assert "/" not in answer["error"].split(";")[0] and "gs" not in answer["error"].split()
+    assert list(folder.iterdir()) == []
+
+
+@needs_chromium
+def test_a_page_from_another_origin_cannot_post_to_it_from_a_real_browser(trained, tmp_path):
+    """The attack as a browser makes it: a text/plain POST, which needs no preflight, from another origin's page."""
+    from playwright.sync_api import sync_playwright
+
+    proc, url, _ = start_server(trained, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.html").write_text("<p>another site</p>")
+    site = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=other,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        other_port = re.search(r"port (\d+)", site.stdout.readline()).group(1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{other_port}/")
+                sent = page.evaluate("""(target) => fetch(target, {method: "POST", mode: "no-cors", body: "x",
+                                                                  headers: {"Content-Type": "text/plain"}})
+                                        .then(() => "sent", () => "failed")""", url + "predict")
+            finally:
+                browser.close()
+    finally:
+        site.terminate()
+        site.wait(timeout=20)
+        lines = stop_server(proc)
+    assert sent == "sent"  # the browser did send it (no-cors hides the answer from the page, not the request)
+    refused = [line for line in lines if " 403: refused: " in line]
+    assert len(refused) == 1 and ("from another site" in refused[0] or "another origin" in refused[0]), lines
+
+
+def raw_socket(url):
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    return sock, f"{host}:{port}"
+
+
+def test_slow_and_stalled_clients_are_cut_off_and_uploads_in_flight_are_bounded(trained, tmp_path):
+    proc, url, _ = start_server(trained, tmp_path, BODY_TIMEOUT_S=2, HEADER_TIMEOUT_S=2, IN_FLIGHT_MB=1)
+    try:
+        headers_only, host = raw_socket(url)
+        headers_only.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\n".encode())  # and no more
+        half_body, _ = raw_socket(url)
+        half_body.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 900000\r\n\r\n".encode()
+                          + b"\0" * 10)
+        time.sleep(0.5)
+        # 900,000 bytes held for the stalled upload: another of 200,000 is over the 1 MB in flight, refused
+        status, answer = post(url, b"\0" * 200_000)
+        assert status == 503 and answer["error"].startswith("busy: too many uploads at once")
+        start = time.perf_counter()
+        assert headers_only.recv(1024) == b""  # closed by the server
+        reply = half_body.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in reply
+        assert time.perf_counter() - start < 6
+        assert post(url, digit_png(trained))[0] == 200  # and the budget is given back
+        headers_only.close()
+        half_body.close()
+    finally:
+        lines = stop_server(proc)
+    assert any(" 503: busy" in line for line in lines) and any(" 408: the upload" in line for line in lines)
+
+
+def test_two_hundred_requests_are_answered_beside_three_hundred_stalled_clients(server, trained):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = server
+    stalled = []
+    try:
+        for _ in range(300):
+            sock, host = raw_socket(url)
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Le".encode())
+            stalled.append(sock)
+        png = digit_png(trained)
+        with ThreadPoolExecutor(200) as pool:
+            answers = list(pool.map(lambda _: post(url, png), range(200)))
+        assert {status for status, _ in answers} == {200}
+        assert {answer["digit"] for _, answer in answers} == {int(trained[3][0])}
+    finally:
+        for sock in stalled:
+            sock.close()
