@@ -157,6 +157,26 @@ def check_split(n_images, validation_split):
                         f"{n_images}; use at most {1 - 1 / n_images:.6g}")
 
 
+def check_replicas(n_images, train):
+    """Refuse replicas that a last, partial batch would leave without an image.
+
+    tf.distribute splits a batch of r images into ceil(r / replicas) per replica, so a short last batch may
+    fill fewer replicas than there are; a replica given no image fails at its first convolution ("input depth
+    must be evenly divisible by filter depth"), after every epoch but the last has run.
+    """
+    if train.replicas == 1:
+        return
+    n_fit = fit_size(n_images, train.validation_split)
+    for what, n in (("training", n_fit), ("validation", n_images - n_fit)):
+        last = n % train.batch_size
+        per = math.ceil(last / train.replicas) if last else 0
+        if last and math.ceil(last / per) < train.replicas:
+            raise UserError(f"params.yaml: train.replicas = {train.replicas}: the last {what} batch holds {last} of "
+                            f"{n:,} images (train.batch_size = {train.batch_size}), {per} a replica, which leaves "
+                            f"{train.replicas - math.ceil(last / per)} replicas none (TensorFlow then fails); use "
+                            f"fewer replicas, or a batch size that divides {n:,}")
+
+
 def random_move(keras, augment, seed):
     """A layer that rotates, shifts and zooms each image by its own random amounts, in training only.
 

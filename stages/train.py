@@ -35,8 +35,8 @@ from mnist_cnn.model import check_pixels, classifier, in_float32, initial_networ
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
                               train_params_for, values_per_image)
 from mnist_cnn.stage import run
-from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_split, export_onnx, fit, fit_size,
-                                run_record, set_up)
+from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_replicas, check_split, export_onnx, fit,
+                                fit_size, run_record, set_up)
 
 
 def load_training_data(data, init, setup):
@@ -94,6 +94,7 @@ def main(argv=None):
     check_batch_memory(values_per_image(network), train.batch_size, train.max_batch_mb,
                        ("train.batch_size", "train.max_batch_mb"), training=True)
     check_split(len(pixels), train.validation_split)
+    check_replicas(len(pixels), train)
     if scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
         print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "
               "is tiny: they will stand out by thousands; set preprocess.scaler=global", file=sys.stderr)

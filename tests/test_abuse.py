@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -314,3 +315,22 @@ def test_predict_reads_prepares_and_classifies_a_bounded_batch_at_a_time(trained
     assert len(answers) == 1_000 and max(chunks) == 400 and batches == [400, 400, 200]
     assert [a["digit"] for a in answers[:7]] == [a["digit"] for a in answers[7:14]]  # the same digits again
 
+
+
+@pytest.mark.parametrize("n, batch, replicas, refused", [
+    (1000, 128, 64, "the last training batch holds 104 of 1,000 images (train.batch_size = 128), 2 a replica, which "
+                    "leaves 12 replicas none"),   # the replicas: 64 (a traceback after 81 s)
+    (1000, 160, 16, "the last training batch holds 40 of 1,000 images (train.batch_size = 160), 3 a replica, which "
+                    "leaves 2 replicas none"),    # 40 images for 16 replicas, yet 2 get none: seen to fail
+    (1000, 128, 8, None), (1000, 144, 16, None),  # seen to train (tf.distribute on 2 cores)
+    (1000, 125, 64, None), (1000, 128, 1, None)])
+def test_replicas_a_short_last_batch_would_leave_empty_are_refused_before_training(n, batch, replicas, refused):
+    from types import SimpleNamespace
+    from mnist_cnn.training import check_replicas
+
+    train = SimpleNamespace(replicas=replicas, batch_size=batch, validation_split=0.0)
+    if refused is None:
+        check_replicas(n, train)
+        return
+    with pytest.raises(UserError, match=re.escape(refused)):
+        check_replicas(n, train)
