@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.real_digits import mnist_test
-from mnist_cnn.backend import cpu_model
+from mnist_cnn.backend import cpu_features, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MARGIN_MB = 50  # predict's peak at 100,000 images may pass its peak at 1,000 by this much (the result list aside)
@@ -122,10 +122,11 @@ def main(argv=None):
           f"clients and {page['concurrent']} concurrent ones: {page['under_load_probe_ms']} ms "
           f"(the {page['concurrent']}: median {page['concurrent_median_ms']} ms, p95 {page['concurrent_p95_ms']} "
           f"ms, max {page['concurrent_max_ms']} ms, {page['concurrent_ok']} answered 200)")
-    result = {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
+    result = {"cpu": cpu_model(), "cpu_features": cpu_features(), "machine": platform.machine(),
+              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "predict": runs, "predict_growth_mb": round(growth, 1), "margin_mb": MARGIN_MB, "page": page}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out} ({result['cpu']})")
+    print(f"wrote {args.out} ({result['cpu']}: {', '.join(result['cpu_features']) or 'no flags read'})")
 
 
 if __name__ == "__main__":
