@@ -8,6 +8,8 @@
    at 100,000 against the RSS at 1,000 (the issue's margin: MARGIN_MB).
 2. `python -m tools.serve` on a free port: the latency of one normal request (a 28x28 PNG) alone, then while
    300 clients hold connections open mid-headers and 200 others post at once; the 200's latencies too.
+3. The same server sent 24 PNG bombs at once (7,000 x 7,000 pixels, ~200 KB each: 49 megapixels to decode
+   each): the latency of a normal request sent beside them, and the server's peak RSS (VmHWM).
 Prints a table and writes --out, naming the CPU. Not a test: it asserts nothing, it measures.
 """
 
@@ -105,6 +107,53 @@ def page_latency(model, concurrent=200, stalled=300):
         server.communicate(timeout=30)
 
 
+def png_bomb(side=7000):
+    """A PNG of side x side black pixels: about 200 KB on disk, side^2 bytes once decoded."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 0).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def peak_rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def bomb_latency(model, bombs=24):
+    server = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", str(model), "--port", "0"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split()[2]
+        bomb, png = png_bomb(), png_digit()
+        timed_post(url, png)
+        before = peak_rss_mb(server.pid)
+        with ThreadPoolExecutor(bombs + 1) as pool:
+            sent = [pool.submit(post_any, url, bomb) for _ in range(bombs)]
+            time.sleep(0.2)
+            probe_s, probe_status = pool.submit(timed_post, url, png).result()
+            statuses = [future.result() for future in sent]
+        return {"bombs": bombs, "bomb_kb": round(len(bomb) / 1024), "bomb_statuses": sorted(set(statuses)),
+                "probe_ms": round(1000 * probe_s, 1), "probe_status": probe_status,
+                "server_peak_rss_mb_before": before, "server_peak_rss_mb": peak_rss_mb(server.pid)}
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def post_any(url, data):
+    """The status of a POST, whatever it is (a bomb's answer is 400: no digit in a black page)."""
+    import urllib.error
+
+    try:
+        return timed_post(url, data)[1]
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models/cpu")
@@ -122,9 +171,14 @@ def main(argv=None):
           f"clients and {page['concurrent']} concurrent ones: {page['under_load_probe_ms']} ms "
           f"(the {page['concurrent']}: median {page['concurrent_median_ms']} ms, p95 {page['concurrent_p95_ms']} "
           f"ms, max {page['concurrent_max_ms']} ms, {page['concurrent_ok']} answered 200)")
+    bombs = bomb_latency(args.model)
+    print(f"page: {bombs['bombs']} PNG bombs of {bombs['bomb_kb']} KB at once (answered {bombs['bomb_statuses']}): "
+          f"a request beside them {bombs['probe_ms']} ms; the server's peak RSS {bombs['server_peak_rss_mb']} MB "
+          f"({bombs['server_peak_rss_mb_before']} MB before)")
     result = {"cpu": cpu_model(), "cpu_features": cpu_features(), "machine": platform.machine(),
               "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-              "predict": runs, "predict_growth_mb": round(growth, 1), "margin_mb": MARGIN_MB, "page": page}
+              "predict": runs, "predict_growth_mb": round(growth, 1), "margin_mb": MARGIN_MB, "page": page,
+              "bombs": bombs}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} ({result['cpu']}: {', '.join(result['cpu_features']) or 'no flags read'})")
 

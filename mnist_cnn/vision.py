@@ -431,6 +431,19 @@ def read_image(source, name=None):
         return flatten_alpha(img)
 
 
+def declared_pixels(data):
+    """The pixel count a picture's header declares (nothing is decoded), or None if it is not one of FORMATS."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001  (any failure here is read_upload's to report, in one line)
+        return None
+
+
 def to_8_bits(values):
     """16-bit or 32-bit grey levels (PNG, TIFF) -> uint8 0..255: 0..65535 scaled, 0..1 floats stretched."""
     top = values.max(initial=0.0)

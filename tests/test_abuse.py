@@ -334,3 +334,34 @@ def test_replicas_a_short_last_batch_would_leave_empty_are_refused_before_traini
         return
     with pytest.raises(UserError, match=re.escape(refused)):
         check_replicas(n, train)
+
+
+# --- the page's own bounds, where a real test would need the machine's limits (tests/test_serve.py has the rest) ---
+
+
+def test_a_flood_of_the_servers_own_errors_is_one_line_a_second_for_each_kind(monkeypatch, capsys):
+    from tools import serve
+
+    clock = iter([0.0, 0.1, 0.5, 0.9, 1.2, 1.3, 2.5])
+    monkeypatch.setattr(serve.time, "monotonic", lambda: next(clock))
+    say = serve.Limited()
+    for _ in range(6):  # accept() at the file-descriptor limit, as asyncio reports it
+        say("OSError", OSError(24, "Too many open files"))
+    say("LineTooLong", "Got more than 8190 bytes\nwhen reading")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == ["server: OSError: [Errno 24] Too many open files"] * 2 + [
+        "server: LineTooLong: Got more than 8190 bytes when reading"]
+
+
+@pytest.mark.parametrize("soft, hard, raised_to, cap", [
+    (1024, 1048576, 1088, 1024),   # a usual shell's limit: raised to what the cap needs
+    (256, 256, None, 192),         # a hard limit of 256: the cap is lowered under it instead
+    (resource.RLIM_INFINITY, resource.RLIM_INFINITY, None, 1024)])
+def test_the_connection_cap_fits_the_file_descriptor_limit(monkeypatch, soft, hard, raised_to, cap):
+    from tools import serve
+
+    raised = []
+    monkeypatch.setattr(serve.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(serve.resource, "setrlimit", lambda which, limits: raised.append(limits[0]))
+    assert serve.connection_cap() == cap
+    assert raised == ([raised_to] if raised_to else [])

@@ -70,7 +70,9 @@ def read_upload(classifier, data):
 BODY_TIMEOUT_S = 30       # to send a whole upload; a client that stalls mid-body is answered 408
 HEADER_TIMEOUT_S = 10     # to send a request's headers (aiohttp's keep-alive timer: an idle connection too)
 IN_FLIGHT_MB = 4 * vision.MAX_FILE_MB  # upload bytes held at once; past it, 503 "busy" before reading
-DECODERS = 2              # pictures decoded at once (each up to a few hundred MB for a 50-megapixel PNG)
+DECODERS = 2              # large pictures decoded at once (each up to a few hundred MB for a 50-megapixel PNG)
+SMALL_PIXELS = 1_000_000  # a picture up to this many pixels (a drawing, a 28x28) is decoded in a lane of its
+SMALL_DECODERS = 4        # own, so that it never waits behind large ones (a few MB each)
 MAX_CONNECTIONS = 1024    # open at once; past it a connection is closed as it opens (file descriptors)
 
 
@@ -124,7 +126,8 @@ def make_app(classifier, host="127.0.0.1", extra_hosts=()):
     """The page's aiohttp app; serve() notes the port it is bound to (the Host check needs it)."""
     from aiohttp import web
 
-    budget, decoding = Budget(IN_FLIGHT_MB * 10**6), asyncio.Semaphore(DECODERS)
+    budget = Budget(IN_FLIGHT_MB * 10**6)
+    large, small = asyncio.Semaphore(DECODERS), asyncio.Semaphore(SMALL_DECODERS)
     limit = vision.MAX_FILE_MB * 10**6
 
     def failed(request, status, why):
@@ -155,7 +158,8 @@ def make_app(classifier, host="127.0.0.1", extra_hosts=()):
                 return failed(request, 413, f"over the limit of {vision.MAX_FILE_MB} MB")
             except TimeoutError:
                 return failed(request, 408, f"the upload did not arrive within {BODY_TIMEOUT_S} s")
-            async with decoding:
+            pixels = vision.declared_pixels(data)  # from the header alone: which lane to decode it in
+            async with (small if pixels is not None and pixels <= SMALL_PIXELS else large):
                 result = await asyncio.get_running_loop().run_in_executor(None, read_upload, classifier, data)
             del data
         finally:
@@ -210,8 +214,9 @@ def connection_cap():
     want = MAX_CONNECTIONS + 64  # the process's own files, the model's, the executor's
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = new
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
     return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 64))
 
 
