@@ -13,7 +13,8 @@ one-line error, with no path or command in it. Safe to leave running on a
 shared machine: another site's page cannot use it (Host, Origin and
 Sec-Fetch-Site are checked, so a browser's cross-site request is refused
 while `curl --data-binary @photo.jpg` works), and what clients can cost is
-bounded (LIMITS below): each failure is one line on stderr. Ctrl-C stops it.
+bounded (the limits below, BODY_TIMEOUT_S to MAX_CONNECTIONS): each failure is one
+line on stderr. Ctrl-C stops it.
 A tool beside the pipeline, using what it made (aiohttp, a
 dependency of DVC's, serves it).
 """
