@@ -22,7 +22,8 @@ LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (\d{3}|server): \S")  # serve's one 
 
 
 def start_server(trained, tmp_path, **limits):
-    """`python -m tools.serve --port 0` in an empty folder, its limits (BODY_TIMEOUT_S, ...) changed as given; (process, URL, folder)."""
+    """`python -m tools.serve --port 0` in an empty folder, its limits (BODY_TIMEOUT_S, ...) changed as given;
+    (process, URL, folder)."""
     folder, home = tmp_path / "cwd", tmp_path / "home"
     folder.mkdir()
     home.mkdir()
@@ -284,8 +285,8 @@ def test_two_hundred_requests_are_answered_beside_three_hundred_stalled_clients(
 @pytest.mark.long  # once, on 3.11 (CI): six large decodes
 def test_a_drawing_is_not_held_behind_large_pictures_being_decoded(trained, tmp_path):
     """Pictures over SMALL_PIXELS (say PNG bombs: 49 megapixels in 47 KB) are decoded DECODERS at a time; a
-    small one has a lane of its own. With one large decoder, six bombs (25 megapixels each) take turns; the drawing sent after them
-    is answered before most of them (by order, not by a time limit)."""
+    small one has a lane of its own. With one large decoder, six bombs (25 megapixels each) take turns; the
+    drawing sent after them is answered before most of them (by order, not by a time limit)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
