@@ -4,6 +4,7 @@ as DVC reads it, and refuses anything unknown, mistyped or out of range with one
 import math
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -385,7 +386,7 @@ def read_yaml(path):
     """
     from ruamel.yaml import YAML
     from ruamel.yaml.constructor import DuplicateKeyError
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 
     try:
         size = path.stat().st_size
@@ -402,7 +403,10 @@ def read_yaml(path):
                         f"save the file as UTF-8") from None
     try:
         check_structure(text, path)
-        return YAML(typ="safe").load(text)
+        with warnings.catch_warnings():
+            # an anchor given twice is harmless once aliases are refused; ruamel's warning would be many lines
+            warnings.simplefilter("ignore", ReusedAnchorWarning)
+            return YAML(typ="safe").load(text)
     except DuplicateKeyError as err:
         raise UserError(f"{path}: line {err.problem_mark.line + 1}: {clip(err.problem)}; "
                         f"keep one of the two") from None

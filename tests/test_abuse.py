@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, SAMPLE, tiny_params, write_params
@@ -63,6 +64,14 @@ def test_deep_nesting_is_refused_before_the_parser_pays_for_it(tmp_path):
     deepest = MAX_DEPTH - 1  # under the mapping of sections
     params_file(tmp_path, "train: " + "[" * deepest + "]" * deepest + "\n")
     assert read_yaml(tmp_path / "params.yaml")["train"] is not None  # at the limit: read (then the schema speaks)
+
+
+def test_an_anchor_given_twice_is_read_without_a_warning(tmp_path, recwarn):
+    params = yaml.safe_dump(tiny_params(), sort_keys=False)
+    params = params.replace("epochs: 1", "epochs: &k 1\n  steps_per_execution: &k 1", 1)
+    params = params.replace("  steps_per_execution: 16\n", "", 1)
+    assert load_params(params_file(tmp_path, params), train=TrainParams)["train"].epochs == 1
+    assert not [w for w in recwarn if "anchor" in str(w.message)]
 
 
 def test_a_file_over_the_size_limit_is_refused_from_its_size(tmp_path):
