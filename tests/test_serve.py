@@ -207,7 +207,8 @@ def test_a_page_from_another_origin_cannot_post_to_it_from_a_real_browser(traine
     other = tmp_path / "other"
     other.mkdir()
     (other / "index.html").write_text("<p>another site</p>")
-    site = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=other,
+    # -u: http.server's "Serving HTTP on ... port N" is otherwise held in its buffer (Python 3.12 and later)
+    site = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"], cwd=other,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         other_port = re.search(r"port (\d+)", site.stdout.readline()).group(1)
