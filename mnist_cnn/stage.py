@@ -26,13 +26,14 @@ class Interrupted(BaseException):
     """
 
 
-_held = {"depth": 0, "pending": None}  # see signals_held
+_held = {"depth": 0, "pending": None, "raised": None}  # see signals_held; raised: the signal last raised
 
 
 def _interrupt(signum, frame):
     if _held["depth"]:
         _held["pending"] = _held["pending"] or signal.Signals(signum)
         return
+    _held["raised"] = signal.Signals(signum)
     raise Interrupted(signal.Signals(signum))
 
 
@@ -91,12 +92,17 @@ def run(main):
         watch_dvc()
     quiet = QuietStderr()
     _written.clear()
+    _held["raised"] = None
     try:
         with quiet:
             try:
                 main()
-            except (Exception, Interrupted):  # not SystemExit: a tool's own verdict (predict: some files failed)
+            except (Exception, Interrupted) as err:  # not SystemExit: a tool's own verdict (predict: some failed)
                 discard_written()
+                if _held["raised"] and not isinstance(err, Interrupted):
+                    # a library caught the interruption and raised its own error instead (TensorFlow, tracing a
+                    # graph, turns it into "TypeError: Failed to convert elements"): it is still the signal
+                    raise Interrupted(_held["raised"]) from None
                 raise
         # done and written: a signal from here on (Python's shutdown would die of it) changes nothing
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

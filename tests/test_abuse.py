@@ -10,6 +10,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -374,3 +375,29 @@ def test_the_connection_cap_fits_the_file_descriptor_limit(monkeypatch, soft, ha
     monkeypatch.setattr(serve.resource, "setrlimit", lambda which, limits: raised.append(limits[0]))
     assert serve.connection_cap() == cap
     assert raised == ([raised_to] if raised_to else [])
+
+
+SWALLOWED = """
+import os, signal, sys
+from mnist_cnn.stage import run
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIG{name})
+        sum(range(10**6))  # the handler runs here, inside the library's try
+    except BaseException:  # as TensorFlow's graph tracing does with whatever it catches
+        raise TypeError("Failed to convert elements of (None, 784) to Tensor")
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_signal_a_library_turns_into_its_own_error_is_still_the_signal(name):
+    """Seen on Python 3.12: SIGINT while Keras traced its graph came out as a TypeError and a traceback."""
+    result = subprocess.run([sys.executable, "-c", SWALLOWED.replace("{name}", name)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    signum = getattr(signal, f"SIG{name}")
+    assert result.returncode == 128 + signum and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (f"error: interrupted by SIG{name}; nothing half-written was left (run it "
+                                     f"again to finish)")
