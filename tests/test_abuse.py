@@ -10,6 +10,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,15 +232,10 @@ def test_a_file_size_limit_mid_stage_is_one_line_and_no_output(fetched):
 
 def test_a_stage_that_fails_after_writing_one_output_leaves_none_of_this_run(fetched):
     (fetched / "notafolder").write_text("")  # --details' folder is a file: details.json cannot be written
-    shutil_rmtree(fetched / "raw")
+    shutil.rmtree(fetched / "raw")
     result = stage(fetched, "fetch", "--out", "raw", "--metrics", "m2.json", "--details", "notafolder/d.json")
     assert result.returncode == 1
     assert not (fetched / "raw").exists() and not (fetched / "m2.json").exists()  # raw/ was written, then removed
-
-
-def shutil_rmtree(path):
-    import shutil
-    shutil.rmtree(path)
 
 
 # --- pictures that cannot hold a digit, unreadable files ---
