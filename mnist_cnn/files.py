@@ -232,3 +232,34 @@ def check_files(folder, names):
             raise Damaged(f"{path} is damaged ({found}; {stage} wrote {want['bytes']} bytes, md5 {want['md5']}); "
                             f"DVC's cache may hold the damaged copy: `{repair}`")
     return {name: record["files"][name]["md5"] for name in names}
+
+
+class NpyWriter:
+    """An .npy file of a known dtype and shape, written a chunk at a time (its whole array never in memory).
+
+    Plain writes, not a writable memory map: the pages written go to the page cache, not the process's memory.
+    `close()` refuses a file given fewer or more rows than its header says.
+    """
+
+    def __init__(self, path, dtype, shape):
+        import numpy as np
+
+        self.path, self.dtype, self.shape, self.rows = Path(path), np.dtype(dtype), tuple(shape), 0
+        self.file = open(self.path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": self.shape})
+
+    def write(self, chunk):
+        import numpy as np
+
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        if chunk.shape[1:] != self.shape[1:] or self.rows + len(chunk) > self.shape[0]:
+            raise ValueError(f"{self.path.name}: a chunk of {chunk.shape} does not fit {self.shape} after "
+                             f"{self.rows} rows")
+        self.file.write(chunk.data)
+        self.rows += len(chunk)
+
+    def close(self):
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} rows written of {self.shape[0]}")

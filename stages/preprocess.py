@@ -11,6 +11,11 @@ StandardScaler as plain numbers, so any tool can apply the same
 standardization without unpickling anything:
     x_std = (x.reshape(-1, 784) - mean) / scale
 
+It streams: fetch's arrays are read memory-mapped, CHUNK images at a time,
+and each output is written a chunk at a time; the scaler is fitted from exact
+integer sums gathered in the same pass. Its memory does not grow with the
+data set (bench/scaling.py measures it), only the row orders do (8 bytes an image).
+
 preprocess.procedure chooses how the data are split and scaled:
   published_split  keep the published 60,000 / 10,000 split and fit the scaler
                    on the training images only: the test set never informs
@@ -21,90 +26,111 @@ preprocess.procedure chooses how the data are split and scaled:
 """
 
 import argparse
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mnist_cnn import IMAGE_SHAPE
 from mnist_cnn.errors import UserError
-from mnist_cnn.files import MANIFEST, atomic_path, check_files, to_json, write_manifest
+from mnist_cnn.files import MANIFEST, NpyWriter, atomic_path, check_files, to_json, write_manifest
 from mnist_cnn.params import PARAMS_FILE, BaseParams, PreprocessParams, load_params
+from mnist_cnn.scaler import PixelSums, fit_scaler, scaler_record, standardize
 from mnist_cnn.stage import run
 
+CHUNK = 8192  # images read, standardized and written at a time: about 80 MB of working memory, whatever the data
 
-def split(raw, procedure, seed):
-    """Return (x_train, y_train, x_test, y_test) as uint8, shuffled with `seed`.
+
+def split_rows(n_train, n_test, procedure, seed):
+    """(training rows, test rows) of the pooled images (the published training images, then the test ones),
+    shuffled with `seed`.
 
     Test images keep their published order under published_split, so a test
     index still names the same image as in the original files.
     """
     rng = np.random.default_rng(seed)
     if procedure == "published_split":
-        order = rng.permutation(len(raw["y_train"]))
-        return raw["x_train"][order], raw["y_train"][order], raw["x_test"], raw["y_test"]
-    x = np.concatenate([raw["x_train"], raw["x_test"]])
-    y = np.concatenate([raw["y_train"], raw["y_test"]])
-    order = rng.permutation(len(y))
-    n_train = len(raw["y_train"])  # same sizes as the published split
-    return x[order[:n_train]], y[order[:n_train]], x[order[n_train:]], y[order[n_train:]]
+        return rng.permutation(n_train), np.arange(n_train, n_train + n_test)
+    order = rng.permutation(n_train + n_test)
+    return order[:n_train], order[n_train:]  # same sizes as the published split
 
 
-def fit_scaler(images, kind="per_pixel"):
-    """A StandardScaler of the 784 pixels fitted on (N, 28, 28) uint8 images: per pixel, or one for all.
+def take(raw, name, rows):
+    """The pooled `name` ("x": images, "y": digits) of `rows`, in that order; a memory-mapped file is read
+    forward (the rows sorted), so only these rows are read into memory."""
+    train, test = raw[f"{name}_train"], raw[f"{name}_test"]
+    order = np.argsort(rows, kind="stable")
+    ascending = rows[order]
+    cut = np.searchsorted(ascending, len(train))
+    out = np.empty((len(rows), *train.shape[1:]), train.dtype)
+    out[order[:cut]] = train[ascending[:cut]]
+    out[order[cut:]] = test[ascending[cut:] - len(train)]
+    return out
 
-    global: one mean and one deviation over every pixel of every image, given
-    to each of the 784 columns, so that everything downstream (the table
-    inside the classifier, scaler.json's formula) is the same code.
+
+def chunks(rows, size=CHUNK):
+    return (rows[start:start + size] for start in range(0, len(rows), size))
+
+
+def split(raw, procedure, seed):
+    """Return (x_train, y_train, x_test, y_test) as uint8, shuffled with `seed`, in memory."""
+    train, test = split_rows(len(raw["y_train"]), len(raw["y_test"]), procedure, seed)
+    return take(raw, "x", train), take(raw, "y", train), take(raw, "x", test), take(raw, "y", test)
+
+
+def write_processed(raw, out, procedure, seed, kind="per_pixel", chunk=CHUNK):
+    """Write the processed arrays into the folder `out`, `chunk` images at a time; return the scaler record.
+
+    Two passes over the data: the first writes the shuffled pixels and digits and adds up the pixels the
+    scaler is fitted on, the second standardizes what the first wrote. Memory: a chunk and the row orders.
     """
-    # imported here, not at the top: a test imports every stage and fails if scikit-learn (a second) comes with it
-    from sklearn.preprocessing import StandardScaler
-    flat = images.reshape(len(images), -1).astype(np.float64)
-    if kind == "per_pixel":
-        return StandardScaler().fit(flat)
-    one = StandardScaler().fit(flat.reshape(-1, 1))
-    scaler = StandardScaler()
-    scaler.mean_, scaler.var_, scaler.scale_ = (np.full(flat.shape[1], a[0]) for a in (one.mean_, one.var_,
-                                                                                      one.scale_))
-    scaler.n_features_in_, scaler.n_samples_seen_ = flat.shape[1], len(flat)
-    return scaler
+    out = Path(out)
+    train, test = split_rows(len(raw["y_train"]), len(raw["y_test"]), procedure, seed)
+    side = raw["x_train"].shape[1:]
+    sums = PixelSums()
+    writers = {name: NpyWriter(out / f"{name}.npy", dtype, (len(rows), *shape)) for name, dtype, rows, shape in (
+        ("pixels_train", np.uint8, train, side), ("y_train", np.uint8, train, ()), ("y_test", np.uint8, test, ()),
+        ("x_train", np.float32, train, IMAGE_SHAPE), ("x_test", np.float32, test, IMAGE_SHAPE))}
+    for rows in chunks(train, chunk):
+        images = take(raw, "x", rows)
+        writers["pixels_train"].write(images)
+        writers["y_train"].write(take(raw, "y", rows))
+        sums.add(images)
+    for rows in chunks(test, chunk):
+        writers["y_test"].write(take(raw, "y", rows))
+        if procedure == "pooled_resplit":  # the seed notebook's: the scaler sees the test images too
+            sums.add(take(raw, "x", rows))
+    for name in ("pixels_train", "y_train", "y_test"):
+        writers[name].close()
+    scaler = fit_scaler(sums, kind)
+    pixels = np.load(out / "pixels_train.npy", mmap_mode="r")
+    for start in range(0, len(train), chunk):
+        writers["x_train"].write(standardize(np.asarray(pixels[start:start + chunk]), scaler))
+    for rows in chunks(test, chunk):
+        writers["x_test"].write(standardize(take(raw, "x", rows), scaler))
+    writers["x_train"].close()
+    writers["x_test"].close()
+    return scaler_record(scaler, procedure, kind)
 
 
-def standardize(images, scaler):
-    """(N, 28, 28) uint8 -> (N, 28, 28, 1) float32, standardized per pixel."""
-    flat = scaler.transform(images.reshape(len(images), -1).astype(np.float64))
-    return flat.astype(np.float32).reshape(len(images), *IMAGE_SHAPE)
-
-
-def scaler_record(scaler, procedure, kind="per_pixel"):
-    """The fitted scaler as JSON-ready plain data."""
-    return {
-        "procedure": procedure,
-        "scaler": kind,
-        "n_samples_seen": int(scaler.n_samples_seen_),
-        "formula": "x_std = (x.reshape(-1, 784) - mean) / scale, x in 0..255",
-        "mean": scaler.mean_.tolist(),
-        "scale": scaler.scale_.tolist(),
-    }
-
-
-def preprocess(raw, procedure, seed, kind="per_pixel"):
-    """Return ({name: array} to save, scaler record)."""
-    x_train, y_train, x_test, y_test = split(raw, procedure, seed)
-    fit_on = x_train if procedure == "published_split" else np.concatenate([x_train, x_test])
-    scaler = fit_scaler(fit_on, kind)
-    arrays = {
-        "x_train": standardize(x_train, scaler), "y_train": y_train, "pixels_train": x_train,
-        "x_test": standardize(x_test, scaler), "y_test": y_test,
-    }
-    return arrays, scaler_record(scaler, procedure, kind)
+def preprocess(raw, procedure, seed, kind="per_pixel", chunk=CHUNK):
+    """Return ({name: array}, scaler record), in memory: write_processed's files, read back (for tests)."""
+    with tempfile.TemporaryDirectory() as folder:
+        record = write_processed(raw, folder, procedure, seed, kind, chunk)
+        arrays = {name: np.load(Path(folder) / f"{name}.npy")
+                  for name in ("x_train", "y_train", "pixels_train", "x_test", "y_test")}
+    return arrays, record
 
 
 def load_raw(folder):
+    """fetch's arrays, memory-mapped: read a chunk at a time, never whole."""
     names = [f"{name}.npy" for name in ("x_train", "y_train", "x_test", "y_test")]
     if not (Path(folder) / MANIFEST).exists():
         raise UserError(f"{Path(folder) / MANIFEST} not found: run `dvc repro fetch` first")
     check_files(folder, names)
-    return {name.removesuffix(".npy"): np.load(Path(folder) / name, allow_pickle=False) for name in names}
+    return {name.removesuffix(".npy"): np.load(Path(folder) / name, mmap_mode="r", allow_pickle=False)
+            for name in names}
 
 
 def main(argv=None):
@@ -116,15 +142,15 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, preprocess=PreprocessParams)
     procedure = params["preprocess"].procedure
 
-    arrays, scaler = preprocess(load_raw(args.raw), procedure, params["base"].seed, params["preprocess"].scaler)
+    raw = load_raw(args.raw)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", arr)
+        scaler = write_processed(raw, tmp, procedure, params["base"].seed, params["preprocess"].scaler)
         (tmp / "scaler.json").write_text(to_json(scaler) + "\n")
         write_manifest(tmp, "preprocess")
-    print(f"{procedure}: train {arrays['x_train'].shape}, test {arrays['x_test'].shape}, "
-          f"scaler fitted on {scaler['n_samples_seen']} images")
+    n_train, n_test = len(raw["y_train"]), len(raw["y_test"])  # pooled_resplit keeps the published sizes
+    print(f"{procedure}: train ({n_train:,} images), test ({n_test:,}), "
+          f"scaler fitted on {scaler['n_samples_seen']:,} images, {math.ceil(n_train / CHUNK)} chunks of {CHUNK:,}")
     print(f"wrote {args.out}/ (x_train, y_train, x_test, y_test, pixels_train .npy, scaler.json)")
 
 

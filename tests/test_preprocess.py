@@ -5,6 +5,7 @@ import pytest
 
 from stages import preprocess
 from mnist_cnn.errors import UserError
+from mnist_cnn.scaler import PixelSums, fit_scaler
 from tests.conftest import tiny_params, write_params, write_raw
 
 
@@ -98,3 +99,49 @@ def test_the_global_scaler_is_one_mean_and_deviation_for_all_pixels(sample_raw):
     assert np.array_equal(lookup(table, arrays["pixels_train"][:500]), arrays["x_train"][:500].reshape(500, -1))
     per_pixel, _ = preprocess.preprocess(sample_raw, "published_split", seed=0)
     assert not np.allclose(per_pixel["x_train"], arrays["x_train"])
+
+
+@pytest.mark.parametrize("procedure", ["published_split", "pooled_resplit"])
+def test_the_chunk_size_changes_no_byte(tmp_path, sample_raw, procedure):
+    """Streaming a few images at a time writes the very files one chunk of everything writes."""
+    whole, small = tmp_path / "whole", tmp_path / "small"
+    whole.mkdir(), small.mkdir()
+    a = preprocess.write_processed(sample_raw, whole, procedure, seed=3, chunk=100_000)
+    b = preprocess.write_processed(sample_raw, small, procedure, seed=3, chunk=37)
+    assert a == b
+    for name in ("x_train", "y_train", "pixels_train", "x_test", "y_test"):
+        assert (whole / f"{name}.npy").read_bytes() == (small / f"{name}.npy").read_bytes(), name
+
+
+@pytest.mark.parametrize("kind", ["per_pixel", "global"])
+def test_the_streamed_scaler_is_scikit_learns_to_the_last_bits(sample_raw, kind):
+    """Exact sums, divided once: within a few units in the last place of StandardScaler.fit on the whole array
+    (whose floating-point sums carry their own rounding), and exactly the rounded rational mean."""
+    from fractions import Fraction
+
+    from sklearn.preprocessing import StandardScaler
+
+    images = sample_raw["x_train"]
+    sums = PixelSums()
+    for start in range(0, len(images), 999):
+        sums.add(images[start:start + 999])
+    ours = fit_scaler(sums, kind)
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    theirs = StandardScaler().fit(flat if kind == "per_pixel" else flat.reshape(-1, 1))
+    assert np.allclose(ours.mean_, theirs.mean_, rtol=1e-14, atol=0)
+    assert np.allclose(ours.var_, theirs.var_, rtol=1e-12, atol=0)
+    column = images.reshape(len(images), -1)[:, 400].astype(int)
+    if kind == "per_pixel":
+        assert ours.mean_[400] == float(Fraction(int(column.sum()), len(column)))
+    assert (ours.scale_ > 0).all() and ours.n_samples_seen_ == len(images)
+
+
+def test_a_short_chunk_write_is_refused(tmp_path):
+    from mnist_cnn.files import NpyWriter
+
+    writer = NpyWriter(tmp_path / "a.npy", np.uint8, (5, 2))
+    writer.write(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="does not fit"):
+        writer.write(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="3 rows written of 5"):
+        writer.close()
