@@ -264,8 +264,9 @@ def resolve_precision(precision, device, features):
     return "mixed_bfloat16" if device == "gpu" or has_bfloat16_units(features) else "float32"
 
 
-def data_parallel(keras, backend, device, replicas):
-    """(scope, device names): within `with scope():`, a model is built and fitted on `replicas` devices at once.
+def data_parallel(keras, backend, device, replicas, processes=False):
+    """(scope, device names): within `with scope():`, a model is built and fitted on `replicas` devices at once,
+    or (`processes`) on every device of every process of a job (mnist_cnn.processes).
 
     Data parallelism with the frameworks' own engines, at the same global batch:
     each device takes batch_size / replicas images of every batch and the
@@ -274,7 +275,13 @@ def data_parallel(keras, backend, device, replicas):
     measures how close). tensorflow: tf.distribute.MirroredStrategy; jax: the
     Keras distribution API (keras.distribution.DataParallel). Batch
     normalization's statistics are then per device, as those engines do.
+    Across processes each one feeds its own share of each batch (training.batches): Keras must not split
+    the data again (auto_shard_dataset, which only knows tf.data).
     """
+    if processes:
+        devices = keras.distribution.list_devices(device)  # every process's
+        distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+        return distribution.scope, [str(d) for d in devices]
     if replicas == 1:
         return contextlib.nullcontext, []
     if backend == "tensorflow":

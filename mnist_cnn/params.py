@@ -294,6 +294,7 @@ class TrainParams(Strict):
     batch_size: Annotated[int, Field(gt=0, le=60_000)]
     steps_per_execution: Annotated[int, Field(gt=0, le=10_000)]
     replicas: Annotated[int, Field(ge=1, le=64)]  # data parallelism over this many devices of the host
+    processes: Annotated[int, Field(ge=1, le=1024)]  # one model trained by this many processes (jax)
     optimizer: Literal["rmsprop", "sgd", "adam"]
     learning_rate: Annotated[float, Field(gt=0.0, le=FLOAT32_MAX)]  # the optimizers keep it in float32
     lr_schedule: Literal["constant", "exponential", "step", "cosine"]
@@ -351,6 +352,16 @@ def check_train(train, backend):
     if backend == "jax" and train.gpu.memory_limit_mb:
         raise UserError("params.yaml: train.gpu.memory_limit_mb is applied on tensorflow and torch only; "
                         "set it to null for jax")
+    if train.processes > 1 and backend != "jax":
+        # Keras 3's fit fails under TensorFlow's MultiWorkerMirroredStrategy (keras#20585, tensorflow#72388), and
+        # Keras on torch has no multi-process API: Keras's distribution API on JAX is the engine that does it
+        raise UserError(f"params.yaml: train.processes = {train.processes} runs on jax only (Keras's distribution "
+                        f"API; on {backend}, Keras 3 cannot train one model in several processes); set "
+                        f"base.backend: jax, or train.processes: 1")
+    if train.processes > 1 and train.replicas > 1:
+        raise UserError(f"params.yaml: train.processes = {train.processes} with train.replicas = {train.replicas}: "
+                        f"each process uses its devices itself (every GPU it sees; a CPU is one device); set "
+                        f"train.replicas: 1")
 
 
 def train_params_for(train, device):

@@ -59,6 +59,25 @@ def signals_held():
             raise Interrupted(pending)
 
 
+_at_once = {"on": False}  # see exit_at_once_on_failure
+
+
+def exit_at_once_on_failure():
+    """From now on a failure ends the process right after its line: skipped, the interpreter's shutdown, which
+    in a process of a multi-process job would wait for the others (JAX's shutdown barrier), who may be gone."""
+    _at_once["on"] = True
+
+
+def _leave(code, line):
+    if not _at_once["on"]:
+        sys.exit(line if code == 1 else code)
+    if line:
+        print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 _written = []  # the outputs this run renamed into place (files.atomic_path), removed if it then fails
 
 
@@ -110,20 +129,33 @@ def run(main):
         if "tensorflow" in sys.modules:
             quick_exit()
     except UserError as err:
-        sys.exit(f"error: {err}{restore_hint(stage) if err.restorable else ''}")
+        _leave(1, f"error: {err}{restore_hint(stage) if err.restorable else ''}")
     except OSError as err:
         why = out_of_space(err)
         if not why:
             raise
         # written outside atomic_path (a library's own temporary file, say): one line all the same
-        sys.exit(f"error: cannot write {printable(err.filename or 'a file')}: {why}; free some space (or raise "
-                 f"`ulimit -f`) and run again; nothing of this run was kept{restore_hint(stage)}")
+        _leave(1, f"error: cannot write {printable(err.filename or 'a file')}: {why}; free some space (or raise "
+                  f"`ulimit -f`) and run again; nothing of this run was kept{restore_hint(stage)}")
     except Interrupted as err:
         signum = err.args[0]
         why = "dvc, which ran this stage, is gone" if _dvc_gone.is_set() else f"interrupted by {signum.name}"
         print(f"error: {why}; nothing half-written was left (run it again to finish){restore_hint(stage)}",
               file=sys.stderr)
-        sys.exit(128 + signum)
+        _leave(128 + signum, "")
+    except Exception as err:
+        if not _at_once["on"]:
+            raise
+        _leave(1, f"error: {job_failure(err)}")
+
+
+def job_failure(err):
+    """One line for an error a process of a multi-process job did not expect: most often the collectives'
+    ("Gloo all-reduce failed: ... Connection closed by peer") when another process died."""
+    text = " ".join(str(err).split())
+    if "Gloo" in text:
+        return f"lost contact with another process of the job ({text[text.index('Gloo'):][:160]})"
+    return f"{type(err).__name__}: {printable(text)[:200]}"
 
 
 def restore_hint(stage, lock="dvc.lock", cache=".dvc/cache/files/md5"):

@@ -16,6 +16,7 @@ from mnist_cnn.backend import (backend_version, cpu_features, cpu_model, data_pa
                                import_onnxruntime, onednn_enabled, resolve_precision, set_up_device)
 from mnist_cnn.errors import UserError
 from mnist_cnn.params import SPARSE_LOSSES
+from mnist_cnn.processes import start_job
 
 
 class Diverged(UserError):
@@ -177,6 +178,67 @@ def check_replicas(n_images, train):
                             f"fewer replicas, or a batch size that divides {n:,}")
 
 
+def check_shares(n_images, train):
+    """Refuse batches that several processes cannot share equally: each takes batch_size / processes images of
+    every batch, the last, short ones included (JAX assembles a batch only from equal shares)."""
+    count = train.processes
+    if count == 1:
+        return
+    if train.batch_size % count:
+        raise UserError(f"params.yaml: train.batch_size = {train.batch_size} does not split into "
+                        f"train.processes = {count} equal shares; use a multiple of {count}")
+    n_fit = fit_size(n_images, train.validation_split)
+    for what, n in (("training", n_fit), ("validation", n_images - n_fit)):
+        last = n % train.batch_size
+        if last % count:
+            raise UserError(f"params.yaml: the last {what} batch holds {last} of {n:,} images "
+                            f"(train.batch_size = {train.batch_size}), which train.processes = {count} cannot "
+                            f"share equally; use a batch size that leaves a multiple of {count}, or divides {n:,}")
+
+
+def epoch_order(n, seed, epoch, shuffle):
+    """The order of `n` training images in epoch `epoch` (from 0): a permutation drawn from (seed, epoch) alone,
+    so every process of a run, and every rerun, draws the same one without talking to the others."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def share(batch, rank, count):
+    """Process `rank`'s part of a batch of rows: the rank-th of `count` equal consecutive slices (JAX puts the
+    processes' parts together in rank order, so the batch is the one a single process would take)."""
+    size = len(batch) // count
+    return batch[rank * size:(rank + 1) * size]
+
+
+def batches(keras, pixels, y, first, stop, batch_size, loss, *, seed, shuffle, rank=0, count=1):
+    """A Keras PyDataset of images first..stop-1 of `pixels` and their digits, read batch by batch.
+
+    `pixels` may be a memory-mapped file: a batch's rows are read sorted (the file forward), then put in the
+    epoch's order, so memory holds a batch and the order, never the data. Labels are encoded per batch. With
+    `count` processes, this one yields its share of each batch (`share`).
+    """
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.order = first + epoch_order(stop - first, seed, 0, shuffle)
+
+        def __len__(self):
+            return -(-(stop - first) // batch_size)
+
+        def __getitem__(self, k):
+            rows = share(self.order[k * batch_size:(k + 1) * batch_size], rank, count)
+            ascending = np.argsort(rows)
+            images = np.empty((len(rows), *pixels.shape[1:]), pixels.dtype)
+            images[ascending] = pixels[rows[ascending]]
+            return images, encode_labels(keras, np.asarray(y[rows]), loss)
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = first + epoch_order(stop - first, seed, self.epoch, shuffle)
+
+    return Batches()
+
+
 def random_move(keras, augment, seed):
     """A layer that rotates, shifts and zooms each image by its own random amounts, in training only.
 
@@ -236,14 +298,15 @@ def augmented(keras, classifier, augment, seed):
     return keras.Model(pixels, classifier(moved), name="augmented")
 
 
-def reference_loss(keras, model, x, labels, loss_name):
+def reference_loss(keras, model, pixels, y, loss_name):
     """The model's loss, as training reports it (penalties included), on the first REFERENCE_IMAGES images."""
-    n, total = min(REFERENCE_IMAGES, len(labels)), 0.0
+    n, total = min(REFERENCE_IMAGES, len(y)), 0.0
     loss = keras.losses.get(loss_name)
     for start in range(0, n, 256):
         stop = min(n, start + 256)
-        probabilities = model(keras.ops.convert_to_tensor(np.asarray(x[start:stop])), training=False)
-        per_image = loss(keras.ops.convert_to_tensor(labels[start:stop]), probabilities)
+        probabilities = model(keras.ops.convert_to_tensor(np.asarray(pixels[start:stop])), training=False)
+        labels = encode_labels(keras, np.asarray(y[start:stop]), loss_name)
+        per_image = loss(keras.ops.convert_to_tensor(labels), probabilities)
         total += float(keras.ops.convert_to_numpy(keras.ops.sum(per_image)))
     penalties = sum(float(keras.ops.convert_to_numpy(term)) for term in model.losses)
     return total / n + penalties
@@ -269,15 +332,18 @@ class Setup(typing.NamedTuple):
     replica_devices: list   # the devices data parallelism splits each batch over ([] for one)
 
 
-def set_up(base, train, device):
+def set_up(base, train, device, job=None):
     """Everything a fit needs before the data, in the order it must happen: the backend's environment,
-    Keras's import, the device's settings, data parallelism, the seed. train and bench call it alike."""
+    the job of several processes (`job`: mnist_cnn.processes), Keras's import, the device's settings, data
+    parallelism, the seed. train and bench call it alike."""
     features = cpu_features()
     precision = resolve_precision(train.precision, device, features)
     os.environ.update(device_env(base.backend, device, train.gpu, train.cpu, train.replicas))
+    if job is not None:
+        start_job(job)
     keras = import_keras(base.backend, device=device)
     device_name = set_up_device(base.backend, device, train.cpu, train.gpu, train.replicas)
-    in_parallel, replica_devices = data_parallel(keras, base.backend, device, train.replicas)
+    in_parallel, replica_devices = data_parallel(keras, base.backend, device, train.replicas, job is not None)
     keras.utils.set_random_seed(base.seed)
     return Setup(keras, device_name, precision, features, in_parallel, replica_devices)
 
@@ -298,9 +364,16 @@ class Fitted(typing.NamedTuple):
     fit_cpu_s: float    # CPU time of all the process's threads: a busy or throttled host does not inflate it
 
 
-def fit(keras, model, x, y, train, live):
-    """Compile and fit, logging each epoch to `live`; a run that diverges or learns nothing raises Diverged."""
-    compile_model(keras, model, train, len(x))
+def fit(keras, model, pixels, y, train, live, seed, rank=0):
+    """Compile and fit on `pixels` (memory-mapped or not) read batch by batch, logging each epoch to `live`
+    (None: no log, as in every process of a run but the first); a run that diverges or learns nothing raises
+    Diverged. Every process of a multi-process run calls it alike: its collectives run in the same order."""
+    compile_model(keras, model, train, len(pixels))
+    n_fit = fit_size(len(pixels), train.validation_split)
+    feed = dict(batch_size=train.batch_size, loss=train.loss, seed=seed, rank=rank, count=train.processes)
+    data = batches(keras, pixels, y, 0, n_fit, shuffle=train.shuffle, **feed)
+    # Keras's validation_split, with the same split: the last images are held out, in their order
+    validation = batches(keras, pixels, y, n_fit, len(pixels), shuffle=False, **feed) if n_fit < len(pixels) else None
 
     epoch_s = []
 
@@ -315,19 +388,26 @@ def fit(keras, model, x, y, train, live):
             logs["epoch_time_s"] = epoch_s[-1]
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
-    labels = encode_labels(keras, y, train.loss)
-    before = reference_loss(keras, model, x, labels, train.loss)
+    before = reference_loss(keras, model, pixels, y, train.loss)
     guard = DivergenceGuard(keras, model, train.learning_rate, before)
-
-    live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
+    callbacks = [guard.callback(), EpochLog()]
+    if live is not None:
+        live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
+        callbacks.append(live_callback(keras, live))
     start, cpu_start = time.perf_counter(), time.process_time()
-    history = model.fit(x, labels, batch_size=train.batch_size,
-                        epochs=train.epochs, shuffle=train.shuffle, verbose=progress_verbosity(sys.stdout),
-                        validation_split=train.validation_split,
-                        callbacks=[guard.callback(), EpochLog(), live_callback(keras, live)])
+    history = model.fit(data, epochs=train.epochs, verbose=progress_verbosity(sys.stdout) if rank == 0 else 0,
+                        validation_data=validation, callbacks=callbacks)
     fit_s, fit_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-    check_progress(before, reference_loss(keras, model, x, labels, train.loss), train.learning_rate)
+    check_progress(before, reference_loss(keras, model, pixels, y, train.loss), train.learning_rate)
     return Fitted(history.history, epoch_s, fit_s, fit_cpu_s)
+
+
+def local_copy(keras, network):
+    """`network` built again outside any distribution, with its weights: a multi-process run's variables span
+    every process's devices, so a computation on them needs all the processes; on this copy, this one alone."""
+    copy = keras.models.clone_model(network)
+    copy.set_weights(network.get_weights())
+    return copy
 
 
 CHECK_IMAGES = 256  # training images on which the saved classifier is checked against what was trained

@@ -19,6 +19,12 @@ from 1, of loss, accuracy (and their validation twins when
 train.validation_split > 0), learning rate and epoch time.
 A run that diverges, learns nothing, or whose saved classifier answers
 otherwise than the network as trained is a failure: nothing is written.
+
+The images are read from preprocess's files batch by batch (memory-mapped),
+in an order drawn from base.seed and the epoch. With train.processes: N > 1
+(jax), one model is trained by N processes at the same global batch: started
+here on this host, or by a cluster's scheduler, whose variables name each
+process (mnist_cnn.processes); only the first writes.
 """
 
 import argparse
@@ -34,18 +40,19 @@ from mnist_cnn.files import atomic_path, check_files, read_json, to_json, write_
 from mnist_cnn.model import check_pixels, classifier, in_float32, initial_network, standardize_table
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
                               train_params_for, values_per_image)
-from mnist_cnn.stage import run
-from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_replicas, check_split, export_onnx, fit,
-                                fit_size, run_record, set_up)
+from mnist_cnn.processes import check_job, finish_job, job_from_env, run_here, watch_launcher
+from mnist_cnn.stage import exit_at_once_on_failure, run
+from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_replicas, check_shares, check_split,
+                                export_onnx, fit, fit_size, local_copy, run_record, set_up)
 
 
 def load_training_data(data, init, setup):
-    """(uint8 training images, digits, scaler record, its standardization table, the initial network), each
-    checked against what its stage wrote; the network is built inside the data-parallel scope, where its
-    variables must live."""
+    """(uint8 training images, memory-mapped, digits, scaler record, its standardization table, the initial
+    network), each checked against what its stage wrote; the network is built inside the data-parallel scope,
+    where its variables must live."""
     try:
-        pixels = np.load(data / "pixels_train.npy")
-        y = np.load(data / "y_train.npy")
+        pixels = np.load(data / "pixels_train.npy", mmap_mode="r")
+        y = np.load(data / "y_train.npy", mmap_mode="r")
         scaler = read_json(data / "scaler.json")
         table = standardize_table(scaler)
         check_pixels(pixels, np.load(data / "x_train.npy", mmap_mode="r"), table)
@@ -85,8 +92,16 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
+    job = job_from_env(os.environ)
+    check_job(job, train.processes)
+    if train.processes > 1 and job is None:  # this host's job: start it, and wait
+        return run_here("stages.train", sys.argv[1:] if argv is None else argv, train.processes)
+    if job is not None:
+        exit_at_once_on_failure()  # JAX's exit would wait for the others, who may be gone
+        watch_launcher(os.environ)
+    first = job is None or job.rank == 0  # the one process that writes
 
-    setup = set_up(base, train, args.device)
+    setup = set_up(base, train, args.device, job)
     keras = setup.keras
     data_md5 = check_files(args.data, ["pixels_train.npy", "y_train.npy", "scaler.json", "x_train.npy"])
     check_files(args.init, ["model.json", "initial.weights.h5"])
@@ -95,33 +110,42 @@ def main(argv=None):
                        ("train.batch_size", "train.max_batch_mb"), training=True)
     check_split(len(pixels), train.validation_split)
     check_replicas(len(pixels), train)
-    if scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
+    check_shares(len(pixels), train)
+    if first and scaler.get("scaler", "per_pixel") == "per_pixel" and any(train.augment.model_dump().values()):
         print("warning: train.augment moves ink onto pixels MNIST almost never inks, whose per-pixel deviation "
               "is tiny: they will stand out by thousands; set preprocess.scaler=global", file=sys.stderr)
-    print(f"train on {args.device} ({setup.device_name}, {base.backend}): {len(pixels)} images, "
-          f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}"
-          + (f", split over {train.replicas} devices ({', '.join(setup.replica_devices)})" if train.replicas > 1
-             else "")
-          + (f", precision auto: {setup.precision}" if train.precision == "auto" else ""))
+    if first:
+        print(f"train on {args.device} ({setup.device_name}, {base.backend}): {len(pixels)} images, "
+              f"{train.epochs} epochs of batch {train.batch_size}, {train.optimizer} lr {train.learning_rate}"
+              + (f", split over {train.replicas} devices ({', '.join(setup.replica_devices)})" if train.replicas > 1
+                 else "")
+              + (f", {job.count} processes ({job.source}, {len(setup.replica_devices)} devices)" if job else "")
+              + (f", precision auto: {setup.precision}" if train.precision == "auto" else ""))
+    if not first:
+        with setup.in_parallel():
+            fit(keras, augmented(keras, classifier(keras, network, table), train.augment, base.seed), pixels, y,
+                train, None, base.seed, job.rank)
+        return finish_job()
 
     from dvclive import Live
 
     with atomic_path(args.live) as live_dir:  # renamed into place last, once all else is written
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
-        if base.backend == "tensorflow" and args.device == "cpu":
-            # fit would copy the array into a tensor and keep both: make the copy now, drop the array
-            # (on CPU only: TensorFlow may put an eager tensor on a GPU, and tf.data reads from the host)
-            pixels = keras.ops.convert_to_tensor(pixels)
         with setup.in_parallel():
             fitted = classifier(keras, network, table)
-            result = fit(keras, augmented(keras, fitted, train.augment, base.seed), pixels, y, train, live)
+            result = fit(keras, augmented(keras, fitted, train.augment, base.seed), pixels, y, train, live, base.seed)
         where = placement(network.weights[0])
         if on_gpu(where) != (args.device == "gpu"):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
                             f"refusing to record this run as {args.device}")
+        if job is not None:  # from here on this process alone: its own copy of the weights, on its own device
+            network = local_copy(keras, network)
+            fitted = classifier(keras, network, table)
         details = run_record(device=args.device, setup=setup, placement=where, backend=base.backend, train=train,
                              fitted=result, n_fit=fit_size(len(pixels), train.validation_split))
         details["replica_devices"] = setup.replica_devices
+        details["processes"] = train.processes
+        details["job"] = job.source if job else None
         details["thread_env"] = thread_env(os.environ)
         check_images = np.asarray(pixels[:CHECK_IMAGES])
         if setup.precision != "float32":
@@ -137,6 +161,8 @@ def main(argv=None):
                              trained_with)
         write_json(args.details, details)
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
+    if job is not None:
+        finish_job()
     print(f"fit {result.fit_s:.1f} s on {setup.device_name} ({details['samples_per_s']:.0f} images/s), "
           f"final accuracy {details['final_accuracy']:.4f}")
     if no_onnx:
