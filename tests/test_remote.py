@@ -362,3 +362,53 @@ def test_the_readmes_first_two_blocks_share_a_run_as_written(remotes, tmp_path):
     stale = clone(team, tmp_path / "stale", remote)
     failed = dvc(stale, "pull", check=False)
     assert failed.returncode != 0 and "Checkout failed" in failed.stderr, failed.stderr
+
+
+def test_two_hosts_share_one_sweep_and_run_each_experiment_once(origin, remotes, tmp_path):
+    """Two clones of the team's repository, one DVC remote (the sshd): `python -m tools.sweep` on both at once,
+    host 0 and 1 of 2. Every experiment is run by one host and pushed; the hosts run again (a requeued task)
+    and run nothing; a third clone pulls them all and `dvc exp show` lists each with its params and metrics."""
+    remote = remote_of(remotes, "ssh")
+    repo, _ = origin
+    team = tmp_path / "team.git"
+    git(tmp_path, "clone", "-q", "--bare", str(repo), str(team))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("experiments:\n  slow: {train.learning_rate: 0.0005}\n"
+                     "grid:\n  train.learning_rate: [0.002, 0.004]\n  train.epochs: [2]\n")
+    names = {"slow", "learning_rate-0.002-epochs-2", "learning_rate-0.004-epochs-2"}
+    hosts = [clone(team, tmp_path / f"host{i}", remote) for i in range(2)]
+
+    def start(i):
+        return subprocess.Popen([sys.executable, "-m", "tools.sweep", str(sweep), "--host", str(i), "--hosts", "2"],
+                                cwd=hosts[i], env=dvc_env(hosts[i]), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    runs = [start(i) for i in range(2)]  # at once, as two machines would
+    logs = [proc.communicate(timeout=900)[0] for proc in runs]
+    assert all(proc.returncode == 0 for proc in runs), "\n".join(logs)
+    ran_by = {i: {line.split(":")[0] for line in log.splitlines() if ": ran and pushed" in line}
+              for i, log in enumerate(logs)}
+    assert ran_by[0] == {"slow", "learning_rate-0.004-epochs-2"} and ran_by[1] == {"learning_rate-0.002-epochs-2"}
+    refs = git(team, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    assert sorted(ref.rsplit("/", 1)[-1] for ref in refs) == sorted(names)  # each once, on the git remote
+
+    again = [start(i) for i in range(2)]
+    logs = [proc.communicate(timeout=300)[0] for proc in again]
+    assert all(proc.returncode == 0 for proc in again) and "0 ran, 2 already done" in logs[0], "\n".join(logs)
+    assert "0 ran, 1 already done" in logs[1]
+
+    viewer = clone(team, tmp_path / "viewer", remote)
+    dvc(viewer, "exp", "pull", "origin", *sorted(names))
+    shown = json.loads(dvc(viewer, "exp", "show", "--json").stdout)
+    found = {}
+    for commit_row in shown:
+        for exp in commit_row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("metrics/evaluate_cpu.json", {}).get("data", {})
+                found[exp.get("name") or rev.get("name")] = (params["train"]["learning_rate"],
+                                                             metrics["test"]["accuracy"])
+    assert set(found) == names, found
+    assert found["slow"][0] == 0.0005 and found["learning_rate-0.004-epochs-2"][0] == 0.004
+    assert all(0 < accuracy <= 1 for _, accuracy in found.values())
