@@ -66,7 +66,8 @@ def unimportable(*names):
 
 
 def without_tf_data_autotune():
-    """Make the tf.data pipelines Keras builds from arrays (fit, evaluate, predict) run without autotuning.
+    """Make the tf.data pipelines Keras builds from arrays (fit, evaluate, predict) run without autotuning, and
+    those it builds from the project's own batches (training.batches) without reading ahead.
 
     With autotuning on, each pipeline runs a tuning thread that sleeps for a
     period doubling up to a minute, and Keras's end of epoch (which drops the
@@ -76,22 +77,42 @@ def without_tf_data_autotune():
     the same weights to the bit. Keras has no public switch for the options of
     the datasets it builds, so this wraps its array adapter, once; the version
     is pinned and tests/test_train.py checks that the wrapper is in force.
+
+    A PyDataset's pipeline (its other adapter) prefetches: Keras makes the next epoch's iterator at the end of
+    an epoch, before it tells the dataset that a new epoch begins, so the first batches of an epoch would be
+    read in the last epoch's order. For a dataset that declares its `tensor_spec`, this builds the pipeline
+    without prefetching and without peeking at batches for their shapes: each batch is read when the fit asks
+    for it, after on_epoch_begin (tests/test_processes.py checks the epochs' batches).
     """
     import tensorflow as tf
-    from keras.src.trainers.data_adapters import array_data_adapter
+    from keras.src.trainers.data_adapters import array_data_adapter, py_dataset_adapter
 
     adapter = array_data_adapter.ArrayDataAdapter
-    if getattr(adapter.get_tf_dataset, "without_autotune", False):
-        return
-    keras_own = adapter.get_tf_dataset
+    if not getattr(adapter.get_tf_dataset, "without_autotune", False):
+        keras_own = adapter.get_tf_dataset
 
-    def get_tf_dataset(self):
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        return keras_own(self).with_options(options)
+        def get_tf_dataset(self):
+            options = tf.data.Options()
+            options.autotune.enabled = False
+            return keras_own(self).with_options(options)
 
-    get_tf_dataset.without_autotune, get_tf_dataset.keras_own = True, keras_own
-    adapter.get_tf_dataset = get_tf_dataset
+        get_tf_dataset.without_autotune, get_tf_dataset.keras_own = True, keras_own
+        adapter.get_tf_dataset = get_tf_dataset
+
+    batches = py_dataset_adapter.PyDatasetAdapter
+    if not getattr(batches.get_tf_dataset, "without_autotune", False):
+        keras_batches = batches.get_tf_dataset
+
+        def get_batches_dataset(self):
+            spec = getattr(self.py_dataset, "tensor_spec", None)
+            if spec is None or self.enqueuer is not None:
+                return keras_batches(self)
+            options = tf.data.Options()
+            options.autotune.enabled = False
+            return tf.data.Dataset.from_generator(self._get_iterator, output_signature=spec(tf)).with_options(options)
+
+        get_batches_dataset.without_autotune, get_batches_dataset.keras_own = True, keras_batches
+        batches.get_tf_dataset = get_batches_dataset
 
 
 def import_onnxruntime():

@@ -214,27 +214,39 @@ def batches(keras, pixels, y, first, stop, batch_size, loss, *, seed, shuffle, r
 
     `pixels` may be a memory-mapped file: a batch's rows are read sorted (the file forward), then put in the
     epoch's order, so memory holds a batch and the order, never the data. Labels are encoded per batch. With
-    `count` processes, this one yields its share of each batch (`share`).
+    `count` processes, this one yields its share of each batch (`share`). Epoch e (from 0) is read in
+    epoch_order(..., e): Keras calls on_epoch_begin before each epoch's first batch (on tensorflow, once
+    backend.without_tf_data_autotune builds its pipeline from `tensor_spec`, without reading ahead).
     """
+    sparse = loss in SPARSE_LOSSES
+
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.epoch = 0
+            self.epoch, self.begun = 0, False
             self.order = first + epoch_order(stop - first, seed, 0, shuffle)
 
         def __len__(self):
             return -(-(stop - first) // batch_size)
+
+        def on_epoch_begin(self):
+            if self.begun:
+                self.epoch += 1
+                self.order = first + epoch_order(stop - first, seed, self.epoch, shuffle)
+            self.begun = True
 
         def __getitem__(self, k):
             rows = share(self.order[k * batch_size:(k + 1) * batch_size], rank, count)
             ascending = np.argsort(rows)
             images = np.empty((len(rows), *pixels.shape[1:]), pixels.dtype)
             images[ascending] = pixels[rows[ascending]]
-            return images, encode_labels(keras, np.asarray(y[rows]), loss)
+            digits = np.asarray(y[rows])
+            labels = digits.astype(np.int32) if sparse else encode_labels(keras, digits, loss).astype(np.float32)
+            return images, labels
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self.order = first + epoch_order(stop - first, seed, self.epoch, shuffle)
+        def tensor_spec(self, tf):
+            return (tf.TensorSpec((None, *pixels.shape[1:]), tf.as_dtype(pixels.dtype)),
+                    tf.TensorSpec((None,) if sparse else (None, N_CLASSES), tf.int32 if sparse else tf.float32))
 
     return Batches()
 

@@ -120,6 +120,8 @@ def test_the_feed_reads_a_memory_mapped_file_every_image_once_an_epoch(tmp_path)
     one = batches(keras, mapped, y, 0, 200, 64, "sparse_categorical_crossentropy", seed=1, shuffle=True)
     two = [batches(keras, mapped, y, 0, 200, 64, "sparse_categorical_crossentropy", seed=1, shuffle=True,
                    rank=rank, count=2) for rank in range(2)]
+    for feed in (one, *two):
+        feed.on_epoch_begin()  # as Keras calls it before each epoch
     for epoch in range(2):
         seen = []
         for k in range(len(one)):
@@ -131,12 +133,40 @@ def test_the_feed_reads_a_memory_mapped_file_every_image_once_an_epoch(tmp_path)
         assert sorted(seen) == list(range(200)) and len(one) == 4  # the first 200 rows, each once
         first_batch = one[0][0][:, 0, 0]
         for feed in (one, *two):
-            feed.on_epoch_end()
+            feed.on_epoch_begin()
         assert not np.array_equal(one[0][0][:, 0, 0], first_batch)  # a new order each epoch
     validation = batches(keras, mapped, y, 200, 250, 64, "categorical_crossentropy", seed=1, shuffle=False)
     images, labels = validation[0]
     assert np.array_equal(images[:, 0, 0], np.arange(200, 250)) and labels.shape == (50, 10)
     del pixels
+
+
+def test_a_fit_reads_each_epoch_in_its_own_order_each_batch_once(tmp_path):
+    """On tensorflow, whose pipelines read ahead: every batch of every epoch is read once, after its epoch began,
+    in that epoch's order (Keras makes an epoch's iterator before it tells the dataset the epoch begins)."""
+    from mnist_cnn.backend import import_keras
+
+    keras = import_keras("tensorflow", device="cpu")
+    n, size = 200, 16
+    pixels = (np.arange(n)[:, None, None] % 251).astype(np.uint8) * np.ones((1, 2, 2), np.uint8)
+    feed = batches(keras, pixels, np.arange(n) % 10, 0, n, size, "sparse_categorical_crossentropy", seed=5,
+                   shuffle=True)
+    reads = []
+    cls = type(feed)
+    keras_getitem = cls.__getitem__
+
+    def recording(self, k):
+        reads.append((self.epoch, k, self.order[k * size:(k + 1) * size].copy()))
+        return keras_getitem(self, k)
+
+    cls.__getitem__ = recording
+    model = keras.Sequential([keras.Input((2, 2), dtype="uint8"), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4)
+    model.fit(feed, epochs=3, verbose=0)
+    steps = -(-n // size)
+    assert sorted((epoch, k) for epoch, k, _ in reads) == [(e, k) for e in range(3) for k in range(steps)]
+    for epoch, k, rows in reads:
+        assert np.array_equal(rows, epoch_order(n, 5, epoch, True)[k * size:(k + 1) * size])
 
 
 # --- real jobs of two processes on this host ---
