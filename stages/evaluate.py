@@ -141,7 +141,7 @@ def main(argv=None):
                         f"{args.data / 'scaler.json'}; run `dvc repro` to train it on these")
     keras = import_keras(params["base"].backend)
     try:
-        x = np.load(args.data / "x_test.npy")
+        x = np.load(args.data / "x_test.npy", mmap_mode="r")  # read a batch at a time
         y = np.load(args.data / "y_test.npy").astype(np.int64)
         scaler = read_json(args.data / "scaler.json")
         model = keras.models.load_model(args.model / "model.keras")
@@ -151,7 +151,8 @@ def main(argv=None):
     evaluate = params["evaluate"]
     check_batch_memory(values_per_image(model), evaluate.batch_size, evaluate.max_batch_mb,
                        ("evaluate.batch_size", "evaluate.max_batch_mb"), training=False)
-    probs = np.asarray(model.predict(x, batch_size=evaluate.batch_size, verbose=0), dtype=np.float64)
+    probs = np.concatenate([np.asarray(model.predict_on_batch(np.asarray(x[start:start + evaluate.batch_size])),
+                                       dtype=np.float64) for start in range(0, len(x), evaluate.batch_size)])
 
     if not np.isfinite(probs).all():
         raise UserError(f"the {args.device} model gives NaN or infinite probabilities on the test set; nothing "
@@ -161,8 +162,7 @@ def main(argv=None):
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        pixels = np.zeros((len(x), SIDE, SIDE))  # only the mistakes shown need their pixels back
-        pixels[wrong] = unstandardize(x[wrong], scaler)
+        pixels = dict(zip(wrong, unstandardize(np.asarray(x[wrong]), scaler)))  # only the mistakes shown
         mistakes_png(pixels, y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
     write_json(args.details, metrics)

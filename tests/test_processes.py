@@ -243,3 +243,31 @@ def test_a_process_that_dies_ends_the_others_with_one_line_and_nothing_written(p
         assert not alive, f"processes outlived their stage: {alive}"
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
     assert not (folder / "cpu").exists() and not (folder / "live").exists() and not (folder / "d.json").exists()
+
+
+def test_a_job_a_scheduler_started_trains_and_only_its_first_process_writes(prepared, tmp_path):
+    """As `srun` would start them on one node: two processes of the stage's command, each told only its
+    SLURM_PROCID, SLURM_NTASKS and the node list (no launcher here). The first writes every output; the other,
+    in its own folder, writes none and still ends 0."""
+    from mnist_cnn.processes import free_port
+
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        folder = tmp_path / f"task{rank}"
+        folder.mkdir()
+        params = write_params(folder / "params.yaml", tiny_params(**{"base.backend": "jax", "train.processes": 2}))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stages.train", "--device", "cpu", "--data", str(prepared / "data"),
+             "--init", str(prepared / "init"), "--out", str(folder / "cpu"), "--metrics", str(folder / "m.json"),
+             "--details", str(folder / "d.json"), "--live", str(folder / "live"), "--params", str(params)],
+            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert "2 processes (Slurm, 2 devices)" in outputs[0][0]
+    assert not [line for line in outputs[1][0].splitlines() if line.strip() and not line.startswith("[Gloo]")]
+    first, other = tmp_path / "task0", tmp_path / "task1"
+    assert (first / "cpu" / "model.keras").is_file() and json.loads((first / "d.json").read_text())["job"] == "Slurm"
+    assert sorted(p.name for p in other.iterdir()) == ["params.yaml"]
