@@ -114,7 +114,7 @@ def project(tmp_path_factory):
 @pytest.mark.parametrize("block", ONE_LINE_EXPERIMENTS, ids=lambda b: b.split()[3].split("=")[0])
 def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
     from tests.conftest import dvc
-    assert len(ONE_LINE_EXPERIMENTS) == 3
+    assert len(ONE_LINE_EXPERIMENTS) == 4
     try:
         for words in commands(block):
             assert words[:3] == ["dvc", "exp", "run"], words
