@@ -36,7 +36,7 @@ REPEATS = 200
 
 def allreduce_rank(size, out):
     """In one process of a job: time REPEATS all-reduces of `size` float32 numbers; rank 0 writes the result."""
-    job = job_from_env(os.environ)
+    job = job_from_env(os.environ, int(os.environ["WORLD_SIZE"]))
     start_job(job)
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec

@@ -78,11 +78,10 @@ def without_tf_data_autotune():
     the datasets it builds, so this wraps its array adapter, once; the version
     is pinned and tests/test_train.py checks that the wrapper is in force.
 
-    A PyDataset's pipeline (its other adapter) prefetches: Keras makes the next epoch's iterator at the end of
-    an epoch, before it tells the dataset that a new epoch begins, so the first batches of an epoch would be
-    read in the last epoch's order. For a dataset that declares its `tensor_spec`, this builds the pipeline
-    without prefetching and without peeking at batches for their shapes: each batch is read when the fit asks
-    for it, after on_epoch_begin (tests/test_processes.py checks the epochs' batches).
+    A PyDataset's pipeline (its other adapter) autotunes its prefetch too, and reads a few batches first to
+    learn their shapes. For a dataset that declares its `tensor_spec` (training.batches, which counts its
+    reads to know each read's epoch), this builds the pipeline from that spec, without autotuning and without
+    those extra reads (tests/test_processes.py checks every epoch's batches).
     """
     import tensorflow as tf
     from keras.src.trainers.data_adapters import array_data_adapter, py_dataset_adapter
@@ -109,7 +108,8 @@ def without_tf_data_autotune():
                 return keras_batches(self)
             options = tf.data.Options()
             options.autotune.enabled = False
-            return tf.data.Dataset.from_generator(self._get_iterator, output_signature=spec(tf)).with_options(options)
+            dataset = tf.data.Dataset.from_generator(self._get_iterator, output_signature=spec(tf))
+            return dataset.prefetch(2).with_options(options)  # reads two batches ahead, as Keras's own would
 
         get_batches_dataset.without_autotune, get_batches_dataset.keras_own = True, keras_batches
         batches.get_tf_dataset = get_batches_dataset

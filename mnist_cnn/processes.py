@@ -47,12 +47,12 @@ def first_host(nodelist):
 
 def _int(environ, name, source):
     value = environ.get(name, "")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise UserError(f"{source}: {name} = {value!r} is not a whole number; the job's launcher should set it")
     return int(value)
 
 
-def job_from_env(environ):
+def job_from_env(environ, processes):
     """The job this process is one of, from the variables its launcher set; None when it runs alone.
 
     torchrun style (also what the train stage sets for the processes it starts): RANK, WORLD_SIZE, MASTER_ADDR,
@@ -60,22 +60,26 @@ def job_from_env(environ):
     SLURM_JOB_NODELIST. A Kubernetes Indexed Job: JOB_COMPLETION_INDEX, with WORLD_SIZE and MASTER_ADDR set in
     the pod's spec (the first pod's stable name). The port is MASTER_PORT, else DEFAULT_PORT. A job of one
     process is no job: the stage then starts train.processes itself.
+
+    Slurm's variables, and an Indexed Job's index without WORLD_SIZE, count only when train.processes
+    (`processes`) is above 1: a task of a Slurm allocation or of an Indexed Job that runs experiments of its
+    own (tools/sweep.py) trains alone. RANK and WORLD_SIZE always count: they say this is one of a job.
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
         source = "started here" if LAUNCHER_PID in environ else "RANK/WORLD_SIZE"
         rank, count = _int(environ, "RANK", source), _int(environ, "WORLD_SIZE", source)
         host = environ.get("MASTER_ADDR")
-    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        source, rank, count = "Slurm", _int(environ, "SLURM_PROCID", "Slurm"), _int(environ, "SLURM_NTASKS", "Slurm")
-        host = environ.get("MASTER_ADDR") or (first_host(environ["SLURM_JOB_NODELIST"])
-                                              if environ.get("SLURM_JOB_NODELIST") else None)
-    elif "JOB_COMPLETION_INDEX" in environ:
+    elif "JOB_COMPLETION_INDEX" in environ and ("WORLD_SIZE" in environ or processes > 1):
         source = "Kubernetes Indexed Job"
         rank = _int(environ, "JOB_COMPLETION_INDEX", source)
         if "WORLD_SIZE" not in environ:
             raise UserError(f"{source}: set WORLD_SIZE (the job's completions) and MASTER_ADDR (the first pod's "
                             f"host name) in the pod's env")
         count, host = _int(environ, "WORLD_SIZE", source), environ.get("MASTER_ADDR")
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and processes > 1:
+        source, rank, count = "Slurm", _int(environ, "SLURM_PROCID", "Slurm"), _int(environ, "SLURM_NTASKS", "Slurm")
+        host = environ.get("MASTER_ADDR") or (first_host(environ["SLURM_JOB_NODELIST"])
+                                              if environ.get("SLURM_JOB_NODELIST") else None)
     else:
         return None
     if count <= 1:
@@ -85,7 +89,7 @@ def job_from_env(environ):
     if not rank < count:
         raise UserError(f"{source}: this process's rank {rank} is not below the job's {count} processes")
     port = environ.get("MASTER_PORT", str(DEFAULT_PORT))
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise UserError(f"{source}: MASTER_PORT = {port!r} is not a port number")
     return Job(f"{host}:{port}", count, rank, source)
 
@@ -155,18 +159,19 @@ def how_it_ended(code):
 def run_here(module, argv, count, environ=None, poll_s=0.1):
     """Start `count` processes of `python -m module argv` on this host as one job, wait for them all.
 
-    The first writes to this terminal; the others' output goes to log files, shown only when one of them
-    fails. When one dies, the others are stopped within seconds and one line says which died and why.
+    The first writes to this terminal; every process's stderr goes to a log file, kept and named when one of
+    them fails (the first's is shown after a success: its warnings). When one dies, the others are stopped
+    within seconds and one line says which died and why.
     """
     environ = dict(os.environ if environ is None else environ)
     port = free_port()
-    logs = Path(tempfile.mkdtemp(prefix="mnist-cnn-ranks-"))
-    processes = []
+    logs = Path(tempfile.mkdtemp(prefix="mnist-cnn-processes-"))
+    processes, keep = [], False
     try:
         for rank in range(count):
             env = {**environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(count),
                    "RANK": str(rank), LAUNCHER_PID: str(os.getpid())}
-            with open(logs / f"rank{rank}.log", "wb") as log:
+            with open(logs / f"process{rank}.log", "wb") as log:
                 processes.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
                                                   stdout=subprocess.PIPE if rank == 0 else log, stderr=log))
         forwarding = threading.Thread(target=forward, args=(processes[0].stdout, sys.stdout), daemon=True)
@@ -177,19 +182,22 @@ def run_here(module, argv, count, environ=None, poll_s=0.1):
             if failed:
                 # the cause, not its echo: a process killed, else the first to fail by its own error
                 rank = next((r for r in failed if codes[r] < 0), failed[0])
-                why = last_line(logs / f"rank{rank}.log")
+                why = "" if codes[rank] < 0 else last_line(logs / f"process{rank}.log")
+                keep = True
                 raise UserError(f"train.processes: process {rank} of {count} {how_it_ended(codes[rank])}"
-                                f"{': ' + why if why else ''}; the others were stopped; nothing was written")
+                                f"{': ' + why if why else ''}; the others were stopped; nothing was written "
+                                f"(the processes' logs: {logs}/)")
             if all(code == 0 for code in codes):
                 break
             time.sleep(poll_s)
         forwarding.join(timeout=10)
-        sys.stderr.write((logs / "rank0.log").read_text(errors="replace"))  # its warnings, after the fact
+        sys.stderr.write((logs / "process0.log").read_text(errors="replace"))  # its warnings, after the fact
     finally:
         stop(processes)
-        for path in logs.iterdir():
-            path.unlink()
-        logs.rmdir()
+        if not keep:
+            for path in logs.iterdir():
+                path.unlink()
+            logs.rmdir()
 
 
 def forward(source, to):

@@ -214,28 +214,38 @@ def batches(keras, pixels, y, first, stop, batch_size, loss, *, seed, shuffle, r
 
     `pixels` may be a memory-mapped file: a batch's rows are read sorted (the file forward), then put in the
     epoch's order, so memory holds a batch and the order, never the data. Labels are encoded per batch. With
-    `count` processes, this one yields its share of each batch (`share`). Epoch e (from 0) is read in
-    epoch_order(..., e): Keras calls on_epoch_begin before each epoch's first batch (on tensorflow, once
-    backend.without_tf_data_autotune builds its pipeline from `tensor_spec`, without reading ahead).
+    `count` processes, this one yields its share of each batch (`share`).
+
+    Epoch e's batch k is `batch(e, k)`, the k-th slice of epoch_order(..., e). Keras reads the batches in order,
+    batch 0 first (fit's shuffle=False), and the epoch is counted from the reads, not from Keras's epoch
+    callbacks: its pipelines read ahead of the epoch they are in (tensorflow makes an epoch's iterator before it
+    announces the epoch). A read of batch 0 begins a pass, and a pass that read every batch was an epoch: one
+    that did not (tf.distribute reads three batches with an iterator it then drops) is read again as the same
+    epoch. Every process of a job reads alike, so they count alike.
     """
     sparse = loss in SPARSE_LOSSES
+    n = stop - first
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.epoch, self.begun = 0, False
-            self.order = first + epoch_order(stop - first, seed, 0, shuffle)
+            self.epochs_read, self.read_in_pass, self.epoch = 0, 0, 0
+            self.order = first + epoch_order(n, seed, 0, shuffle)
 
         def __len__(self):
-            return -(-(stop - first) // batch_size)
-
-        def on_epoch_begin(self):
-            if self.begun:
-                self.epoch += 1
-                self.order = first + epoch_order(stop - first, seed, self.epoch, shuffle)
-            self.begun = True
+            return -(-n // batch_size)
 
         def __getitem__(self, k):
+            if k == 0:
+                if self.read_in_pass >= len(self):  # the last pass read every batch: it was an epoch
+                    self.epochs_read += 1
+                self.read_in_pass = 0
+            self.read_in_pass += 1
+            return self.batch(self.epochs_read, k)
+
+        def batch(self, epoch, k):
+            if epoch != self.epoch:
+                self.epoch, self.order = epoch, first + epoch_order(n, seed, epoch, shuffle)
             rows = share(self.order[k * batch_size:(k + 1) * batch_size], rank, count)
             ascending = np.argsort(rows)
             images = np.empty((len(rows), *pixels.shape[1:]), pixels.dtype)
@@ -407,8 +417,9 @@ def fit(keras, model, pixels, y, train, live, seed, rank=0):
         live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
         callbacks.append(live_callback(keras, live))
     start, cpu_start = time.perf_counter(), time.process_time()
+    # shuffle=False: the batches' order is the feed's own (epoch_order); Keras would shuffle their order again
     history = model.fit(data, epochs=train.epochs, verbose=progress_verbosity(sys.stdout) if rank == 0 else 0,
-                        validation_data=validation, callbacks=callbacks)
+                        validation_data=validation, callbacks=callbacks, shuffle=False)
     fit_s, fit_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     check_progress(before, reference_loss(keras, model, pixels, y, train.loss), train.learning_rate)
     return Fitted(history.history, epoch_s, fit_s, fit_cpu_s)

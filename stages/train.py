@@ -63,6 +63,14 @@ def load_training_data(data, init, setup):
     return pixels, y, scaler, table, network
 
 
+def count_images(data):
+    """How many training images preprocess wrote (the file's header alone)."""
+    try:
+        return len(np.load(data / "pixels_train.npy", mmap_mode="r"))
+    except FileNotFoundError as err:
+        raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
+
+
 def save_model(out, stage, keras, network, fitted, check_images, trained_with):
     """Write --out: model.keras, classifier.keras, classifier.onnx (unless this backend cannot export it:
     the reason is returned) and params.json, with their manifest."""
@@ -92,9 +100,12 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, train=TrainParams)
     base, train = params["base"], params["train"]
     check_train(train, base.backend)
-    job = job_from_env(os.environ)
+    job = job_from_env(os.environ, train.processes)
     check_job(job, train.processes)
-    if train.processes > 1 and job is None:  # this host's job: start it, and wait
+    if train.processes > 1 and job is None:  # this host's job: check what its processes would refuse, start it
+        n_images = count_images(args.data)
+        check_split(n_images, train.validation_split)
+        check_shares(n_images, train)
         return run_here("stages.train", sys.argv[1:] if argv is None else argv, train.processes)
     if job is not None:
         exit_at_once_on_failure()  # JAX's exit would wait for the others, who may be gone

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from mnist_cnn.errors import UserError
-from tools.sweep import experiments_of, grid_name, host_of, share
+from tools.sweep import experiments_of, grid_name, host_of, override, reason, share
 
 
 def test_the_experiments_are_the_listed_then_the_grids_in_the_files_order():
@@ -25,6 +25,9 @@ def test_the_experiments_are_the_listed_then_the_grids_in_the_files_order():
     ({"experiments": {"a": 1}}, "maps each name to the params it sets"),
     ({"grid": {"train.epochs": 3}}, "maps each param to a list of values"),
     ({"experiments": {"bad name": {"train.epochs": 1}}}, "experiment name 'bad name'"),
+    ({"experiments": {"a..b": {"train.epochs": 1}}}, "experiment name 'a..b'"),
+    ({"experiments": {"x.lock": {"train.epochs": 1}}}, "experiment name 'x.lock'"),
+    ({"experiments": {"x.": {"train.epochs": 1}}}, "experiment name 'x.'"),
     ({"experiments": {"learning_rate-0.1": {"train.epochs": 1}}, "grid": {"train.learning_rate": [0.1]}},
      "appears twice"),
 ])
@@ -44,6 +47,8 @@ def options(host=None, hosts=None):
 @pytest.mark.parametrize("args, environ, expected", [
     (options(1, 3), {}, (1, 3)),
     (options(), {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),
+    (options(), {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
+                 "SLURM_ARRAY_TASK_COUNT": "4"}, (3, 4)),  # --array=0-7:2
     (options(), {"JOB_COMPLETION_INDEX": "2", "SWEEP_HOSTS": "3"}, (2, 3)),
 ])
 def test_which_host_this_is_comes_from_the_options_or_the_scheduler(args, environ, expected):
@@ -56,6 +61,9 @@ def test_which_host_this_is_comes_from_the_options_or_the_scheduler(args, enviro
     (options(3, 3), {}, "host 3 of 3: the index must be 0 to 2"),
     (options(), {"JOB_COMPLETION_INDEX": "0"}, "set SWEEP_HOSTS"),
     (options(), {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"}, "must be whole numbers"),
+    (options(), {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "4"},
+     "not on the array's steps"),
+    (options(), {"JOB_COMPLETION_INDEX": "0", "SWEEP_HOSTS": "\u00b2"}, "set SWEEP_HOSTS"),
 ])
 def test_a_host_named_wrong_is_one_line(args, environ, message):
     with pytest.raises(UserError, match=message):
@@ -69,3 +77,18 @@ def test_the_shares_cover_every_experiment_once_and_differ_by_one_at_most(total,
     taken = [name for part in shares for name, _ in part]
     assert sorted(taken) == sorted(name for name, _ in experiments) and len(taken) == total
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_each_setting_is_written_as_dvc_reads_it():
+    assert override("train.learning_rate", 0.002) == "train.learning_rate=0.002"
+    assert override("train.devices", ["cpu", "gpu"]) == 'train.devices=["cpu", "gpu"]'
+    assert override("train.gpu.memory_limit_mb", None) == "train.gpu.memory_limit_mb=null"
+    assert override("train.shuffle", False) == "train.shuffle=false"
+    assert override("train.optimizer", "adam") == "train.optimizer=adam"
+
+
+def test_the_reason_of_a_failure_is_the_stages_own_line():
+    output = ("Running stage 'train@cpu':\nerror: params.yaml: train.epochs = 0: Input should be greater than 0\n"
+              "ERROR: failed to reproduce 'train@cpu': failed to run: python -m stages.train, exited with 1\n")
+    assert reason(output) == "error: params.yaml: train.epochs = 0: Input should be greater than 0"
+    assert reason("ERROR: unexpected error\n") == "ERROR: unexpected error"

@@ -4,10 +4,13 @@ start two processes on this host."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -35,7 +38,17 @@ from tests.conftest import ROOT, tiny_params, write_params
     ({"PATH": "/usr/bin"}, None),
 ])
 def test_the_job_is_read_from_each_schedulers_variables(environ, job):
-    assert job_from_env(environ) == job
+    assert job_from_env(environ, 2) == job
+
+
+def test_a_scheduler_task_that_trains_alone_is_no_job():
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "a"}
+    assert job_from_env(slurm, 1) is None  # a task of an allocation, training alone (train.processes: 1)
+    assert job_from_env(slurm, 4) == Job(f"a:{DEFAULT_PORT}", 4, 3, "Slurm")
+    pod = {"JOB_COMPLETION_INDEX": "2"}
+    assert job_from_env(pod, 1) is None  # a pod of an Indexed Job that runs experiments of its own
+    with pytest.raises(UserError, match="set WORLD_SIZE"):
+        job_from_env(pod, 2)
 
 
 @pytest.mark.parametrize("environ, message", [
@@ -43,11 +56,12 @@ def test_the_job_is_read_from_each_schedulers_variables(environ, job):
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR is not set"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x"}, "rank 2 is not below the job's 2 processes"),
     ({"RANK": "one", "WORLD_SIZE": "2", "MASTER_ADDR": "x"}, "RANK = 'one' is not a whole number"),
+    ({"RANK": "\u00b2", "WORLD_SIZE": "2", "MASTER_ADDR": "x"}, "is not a whole number"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "99999"}, "MASTER_PORT = '99999'"),
 ])
 def test_a_job_named_wrong_is_one_line(environ, message):
     with pytest.raises(UserError, match=message):
-        job_from_env(environ)
+        job_from_env(environ, 2)
 
 
 @pytest.mark.parametrize("nodelist, host", [("node01", "node01"), ("node[01-04]", "node01"),
@@ -92,6 +106,19 @@ def test_batches_the_processes_cannot_share_equally_are_refused():
                                            "train.validation_split": 0.1}))
 
 
+def test_what_the_processes_would_refuse_is_refused_before_they_start(prepared, tmp_path):
+    from stages import train
+
+    params = write_params(tmp_path / "params.yaml", tiny_params(**{"base.backend": "jax", "train.processes": 3,
+                                                                     "train.batch_size": 96}))
+    with pytest.raises(UserError, match=r"^params.yaml: the last training batch holds 40 of 1,000 images"):
+        train.main(["--device", "cpu", "--data", str(prepared / "data"), "--init", str(prepared / "init"),
+                    "--out", str(tmp_path / "cpu"), "--metrics", str(tmp_path / "m.json"), "--details",
+                    str(tmp_path / "d.json"), "--live", str(tmp_path / "live"), "--params", str(params)])
+    assert not any(p.name.startswith("mnist-cnn-processes-") for p in Path(tempfile.gettempdir()).iterdir()
+                   if p.stat().st_mtime > time.time() - 60)
+
+
 # --- the feed every process reads ---
 
 
@@ -113,37 +140,36 @@ def test_the_feed_reads_a_memory_mapped_file_every_image_once_an_epoch(tmp_path)
     from mnist_cnn.backend import import_keras
 
     keras = import_keras("tensorflow", device="cpu")
-    pixels = np.arange(250 * 4, dtype=np.uint8).reshape(250, 2, 2) % 251
     np.save(tmp_path / "p.npy", np.arange(250)[:, None, None] * np.ones((1, 2, 2), np.int32))
     mapped = np.load(tmp_path / "p.npy", mmap_mode="r")
     y = np.arange(250) % 10
     one = batches(keras, mapped, y, 0, 200, 64, "sparse_categorical_crossentropy", seed=1, shuffle=True)
     two = [batches(keras, mapped, y, 0, 200, 64, "sparse_categorical_crossentropy", seed=1, shuffle=True,
                    rank=rank, count=2) for rank in range(2)]
-    for feed in (one, *two):
-        feed.on_epoch_begin()  # as Keras calls it before each epoch
+    firsts = []
     for epoch in range(2):
         seen = []
         for k in range(len(one)):
-            images, labels = one[k]
+            images, labels = one[k]  # read in order, as Keras reads them
             parts = [each[k] for each in two]
             assert np.array_equal(np.concatenate([p[0] for p in parts]), images)
             assert np.array_equal(images[:, 0, 0] % 10, labels)  # each image with its own digit
+            assert np.array_equal(one.batch(epoch, k)[0], images)  # after a whole pass, the next epoch
             seen.extend(images[:, 0, 0])
         assert sorted(seen) == list(range(200)) and len(one) == 4  # the first 200 rows, each once
-        first_batch = one[0][0][:, 0, 0]
-        for feed in (one, *two):
-            feed.on_epoch_begin()
-        assert not np.array_equal(one[0][0][:, 0, 0], first_batch)  # a new order each epoch
+        firsts.append(one.batch(epoch, 0)[0][:, 0, 0])
+    assert not np.array_equal(*firsts)  # a new order each epoch
+    for k in range(3):  # a pass dropped half-way (tf.distribute's first iterator) is read again as the same epoch
+        one[k]
+    assert np.array_equal(one[0][0], one.batch(2, 0)[0])
     validation = batches(keras, mapped, y, 200, 250, 64, "categorical_crossentropy", seed=1, shuffle=False)
     images, labels = validation[0]
     assert np.array_equal(images[:, 0, 0], np.arange(200, 250)) and labels.shape == (50, 10)
-    del pixels
 
 
-def test_a_fit_reads_each_epoch_in_its_own_order_each_batch_once(tmp_path):
-    """On tensorflow, whose pipelines read ahead: every batch of every epoch is read once, after its epoch began,
-    in that epoch's order (Keras makes an epoch's iterator before it tells the dataset the epoch begins)."""
+def test_a_fit_reads_each_epochs_batches_in_its_own_order_each_once():
+    """On tensorflow, whose pipelines read ahead of the epoch they are in: the fit's reads are epoch 0's batches
+    in order, then epoch 1's, ..., each the slice of its epoch's order."""
     from mnist_cnn.backend import import_keras
 
     keras = import_keras("tensorflow", device="cpu")
@@ -153,20 +179,20 @@ def test_a_fit_reads_each_epoch_in_its_own_order_each_batch_once(tmp_path):
                    shuffle=True)
     reads = []
     cls = type(feed)
-    keras_getitem = cls.__getitem__
+    own = cls.batch
 
-    def recording(self, k):
-        reads.append((self.epoch, k, self.order[k * size:(k + 1) * size].copy()))
-        return keras_getitem(self, k)
+    def recording(self, epoch, k):
+        reads.append((epoch, k))
+        images, labels = own(self, epoch, k)
+        assert np.array_equal(images[:, 0, 0], epoch_order(n, 5, epoch, True)[k * size:(k + 1) * size] % 251)
+        return images, labels
 
-    cls.__getitem__ = recording
+    cls.batch = recording
     model = keras.Sequential([keras.Input((2, 2), dtype="uint8"), keras.layers.Flatten(), keras.layers.Dense(10)])
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=4)
-    model.fit(feed, epochs=3, verbose=0)
+    model.fit(feed, epochs=3, verbose=0, shuffle=False)
     steps = -(-n // size)
-    assert sorted((epoch, k) for epoch, k, _ in reads) == [(e, k) for e in range(3) for k in range(steps)]
-    for epoch, k, rows in reads:
-        assert np.array_equal(rows, epoch_order(n, 5, epoch, True)[k * size:(k + 1) * size])
+    assert reads[:3 * steps] == [(e, k) for e in range(3) for k in range(steps)]
 
 
 # --- real jobs of two processes on this host ---
@@ -234,8 +260,10 @@ def test_a_process_that_dies_ends_the_others_with_one_line_and_nothing_written(p
         took = time.monotonic() - killed_at
         assert proc.returncode == 1 and took < 15
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and "process 1 of 2 was killed by SIGKILL" in lines[0], err
-        assert "nothing was written" in lines[0]
+        assert len(lines) == 1 and "process 1 of 2 was killed by SIGKILL; the others were stopped" in lines[0], err
+        logs = Path(lines[0].split("the processes' logs: ")[1].rstrip("/)"))
+        assert "nothing was written" in lines[0] and (logs / "process0.log").is_file()
+        shutil.rmtree(logs)
     else:
         proc.send_signal(signal.SIGKILL)  # the stage itself, as `kill -9` or an OOM killer would
         proc.communicate(timeout=60)

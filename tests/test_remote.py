@@ -373,9 +373,10 @@ def test_two_hosts_share_one_sweep_and_run_each_experiment_once(origin, remotes,
     team = tmp_path / "team.git"
     git(tmp_path, "clone", "-q", "--bare", str(repo), str(team))
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("experiments:\n  slow: {train.learning_rate: 0.0005}\n"
+    # host 0 runs small-batch, then learning_rate-0.004-epochs-2, which must not inherit the batch size
+    sweep.write_text("experiments:\n  small-batch: {train.batch_size: 32}\n"
                      "grid:\n  train.learning_rate: [0.002, 0.004]\n  train.epochs: [2]\n")
-    names = {"slow", "learning_rate-0.002-epochs-2", "learning_rate-0.004-epochs-2"}
+    names = {"small-batch", "learning_rate-0.002-epochs-2", "learning_rate-0.004-epochs-2"}
     hosts = [clone(team, tmp_path / f"host{i}", remote) for i in range(2)]
 
     def start(i):
@@ -388,7 +389,7 @@ def test_two_hosts_share_one_sweep_and_run_each_experiment_once(origin, remotes,
     assert all(proc.returncode == 0 for proc in runs), "\n".join(logs)
     ran_by = {i: {line.split(":")[0] for line in log.splitlines() if ": ran and pushed" in line}
               for i, log in enumerate(logs)}
-    assert ran_by[0] == {"slow", "learning_rate-0.004-epochs-2"} and ran_by[1] == {"learning_rate-0.002-epochs-2"}
+    assert ran_by[0] == {"small-batch", "learning_rate-0.004-epochs-2"} and ran_by[1] == {"learning_rate-0.002-epochs-2"}
     refs = git(team, "for-each-ref", "--format=%(refname)", "refs/exps").split()
     assert sorted(ref.rsplit("/", 1)[-1] for ref in refs) == sorted(names)  # each once, on the git remote
 
@@ -407,8 +408,11 @@ def test_two_hosts_share_one_sweep_and_run_each_experiment_once(origin, remotes,
                 data = rev.get("data") or {}
                 params = data.get("params", {}).get("params.yaml", {}).get("data", {})
                 metrics = data.get("metrics", {}).get("metrics/evaluate_cpu.json", {}).get("data", {})
-                found[exp.get("name") or rev.get("name")] = (params["train"]["learning_rate"],
-                                                             metrics["test"]["accuracy"])
+                found[exp.get("name") or rev.get("name")] = (params["train"], metrics["test"]["accuracy"])
     assert set(found) == names, found
-    assert found["slow"][0] == 0.0005 and found["learning_rate-0.004-epochs-2"][0] == 0.004
+    committed = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    assert found["small-batch"][0]["batch_size"] == 32 != committed["batch_size"]
+    for name in ("learning_rate-0.002-epochs-2", "learning_rate-0.004-epochs-2"):  # each from the commit's params
+        assert found[name][0]["batch_size"] == committed["batch_size"] and found[name][0]["epochs"] == 2
+    assert found["learning_rate-0.004-epochs-2"][0]["learning_rate"] == 0.004
     assert all(0 < accuracy <= 1 for _, accuracy in found.values())

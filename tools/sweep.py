@@ -10,9 +10,14 @@ runs some host pushed with their run records are restored, not run) and pushed w
 (its git ref to the git remote, its outputs and run records to the DVC remote). Then, on any clone,
 `dvc exp pull origin NAME ...` and `dvc exp show` list them all.
 
+Each experiment starts from the commit: `dvc exp run` leaves an experiment's params, dvc.lock and metrics in
+the workspace, so the committed files are put back before each experiment and after the last. The sweep
+refuses to start on uncommitted changes to any file git tracks, which that would undo.
+
 I and N come from --host and --hosts, else from the scheduler: a Slurm array (SLURM_ARRAY_TASK_ID,
-SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with
-SWEEP_HOSTS set to its completions). SWEEP.yaml names each experiment and the params it sets, or a grid:
+SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_STEP and SLURM_ARRAY_TASK_COUNT: `--array=0-3`, or with a step), a
+Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with SWEEP_HOSTS set to its completions). SWEEP.yaml names each
+experiment and the params it sets, or a grid:
 
     experiments:                 # name: {param: value}; names are git refs: letters, digits, . - _
       lr-0.0005: {train.learning_rate: 0.0005}
@@ -25,6 +30,7 @@ Exits 1 when an experiment failed (the others still run), with one line per fail
 
 import argparse
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -37,6 +43,16 @@ from mnist_cnn.params import read_yaml
 from mnist_cnn.stage import run
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def is_ref_name(name):
+    """A name git takes as a ref's last part: NAME's characters, no '..', not ending in '.' or '.lock'."""
+    return bool(NAME.match(name)) and ".." not in name and not name.endswith((".", ".lock"))
+
+
+def override(key, value):
+    """`-S key=value` as DVC reads it (YAML): a string as it is, anything else as JSON (null, true, [a, b])."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
 def grid_name(combination):
@@ -65,8 +81,9 @@ def experiments_of(spec, where="the sweep file"):
               for values in itertools.product(*grid.values())]
     names = [name for name, _ in found]
     for name in names:
-        if not NAME.match(name):
-            raise UserError(f"{where}: experiment name {name!r}: use letters, digits, '.', '-' and '_' (a git ref)")
+        if not is_ref_name(name):
+            raise UserError(f"{where}: experiment name {name!r}: use letters, digits, '.', '-' and '_', no '..', "
+                            f"not ending in '.' or '.lock' (a git ref)")
         if names.count(name) > 1:
             raise UserError(f"{where}: experiment name {name!r} appears twice; each must be unique")
     if not found:
@@ -83,14 +100,18 @@ def host_of(args, environ):
     elif "SLURM_ARRAY_TASK_ID" in environ:
         source = "Slurm array"
         try:
-            index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+            first, step = int(environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(environ.get("SLURM_ARRAY_TASK_STEP", "1"))
+            offset, count = int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
         except (KeyError, ValueError):
-            raise UserError("Slurm array: SLURM_ARRAY_TASK_ID, _MIN and _COUNT must be whole numbers; run it as "
-                            "`sbatch --array=0-N`") from None
+            raise UserError("Slurm array: SLURM_ARRAY_TASK_ID, _MIN, _STEP and _COUNT must be whole numbers; run it "
+                            "as `sbatch --array=0-N`") from None
+        if step < 1 or offset % step:
+            raise UserError(f"Slurm array: task {environ['SLURM_ARRAY_TASK_ID']} is not on the array's steps; run it "
+                            f"as `sbatch --array=0-N` (a range, with or without a step, not a list)")
+        index = offset // step
     elif "JOB_COMPLETION_INDEX" in environ:
         source = "Kubernetes Indexed Job"
-        if not environ.get("SWEEP_HOSTS", "").isdigit():
+        if not (environ.get("SWEEP_HOSTS", "").isascii() and environ.get("SWEEP_HOSTS", "").isdigit()):
             raise UserError("Kubernetes Indexed Job: set SWEEP_HOSTS to the job's completions in the pod's env")
         index, count = int(environ["JOB_COMPLETION_INDEX"]), int(environ["SWEEP_HOSTS"])
     else:
@@ -109,9 +130,28 @@ def share(experiments, index, count):
 def dvc(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
     if check and result.returncode != 0:
-        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
-        raise UserError(f"`dvc {' '.join(args)}` failed: {last[0]}")
+        raise UserError(f"`dvc {' '.join(args)}` failed: {reason(result.stderr + result.stdout)}")
     return result
+
+
+def reason(output):
+    """The line that says why a run failed: a stage's own `error:` line, else DVC's last ERROR line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("error:")]
+    theirs = [line for line in lines if line.startswith("ERROR")]
+    return (ours or theirs or lines or ["no output"])[-1]
+
+
+def run_shown(*args):
+    """`dvc args`, its output shown as it comes; (exit status, the output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        seen.append(line)
+        del seen[:-200]
+    return proc.wait(), "".join(seen)
 
 
 def names_on(remote=None):
@@ -119,8 +159,18 @@ def names_on(remote=None):
     return set(dvc("exp", "list", *([remote] if remote else []), "--name-only").stdout.split())
 
 
+def changed_files():
+    """The files git tracks that differ from the commit (None where this is not a git work tree)."""
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return None if result.returncode else [line[3:] for line in result.stdout.splitlines()]
+
+
+def back_to_the_commit():
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], check=True)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
     parser.add_argument("--host", type=int, help="this host's index, from 0")
     parser.add_argument("--hosts", type=int, help="how many hosts share the sweep")
@@ -130,12 +180,18 @@ def main(argv=None):
     experiments = experiments_of(read_yaml(args.sweep), str(args.sweep))
     index, count = host_of(args, os.environ)
     mine = share(experiments, index, count)
+    changed = changed_files()
+    if changed is None:
+        raise UserError("not in a git clone: run the sweep in a clone of the repository the hosts share")
+    if changed and not args.dry_run:
+        raise UserError(f"{len(changed)} file(s) differ from the commit ({', '.join(changed[:3])}): each experiment "
+                        f"starts from the commit, which the sweep puts back; commit them, or `git stash`")
     print(f"host {index} of {count}: {len(mine)} of {len(experiments)} experiments "
           f"({', '.join(name for name, _ in mine) or 'none'})", flush=True)
     done = names_on(args.git_remote)
     failed, ran, skipped = [], [], []
     for name, sets in mine:
-        settings = [f"{key}={value}" for key, value in sets.items()]
+        settings = [override(key, value) for key, value in sets.items()]
         if name in done:
             skipped.append(name)
             print(f"{name}: on {args.git_remote} already; skipped", flush=True)
@@ -145,16 +201,23 @@ def main(argv=None):
             continue
         start = time.perf_counter()
         if name not in names_on():  # else it ran here and its push failed: push it now
-            result = dvc("exp", "run", "--pull", "-n", name, *itertools.chain(*(("-S", s) for s in settings)),
-                         check=False)
-            if result.returncode != 0:
-                why = [line for line in result.stderr.splitlines() if line.startswith(("ERROR", "error"))]
-                failed.append(f"{name}: {(why or ['exit ' + str(result.returncode)])[-1]}")
+            back_to_the_commit()  # not the last experiment's params
+            code, output = run_shown("exp", "run", "--pull", "-n", name,
+                                     *itertools.chain(*(("-S", s) for s in settings)))
+            if code != 0:
+                failed.append(f"{name}: {reason(output)}")
                 print(f"{name}: failed", flush=True)
                 continue
-        dvc("exp", "push", "--run-cache", args.git_remote, name)
+        try:
+            dvc("exp", "push", "--run-cache", args.git_remote, name)
+        except UserError as err:
+            failed.append(f"{name}: ran, but not pushed: {err}")
+            print(f"{name}: ran, not pushed", flush=True)
+            continue
         ran.append(name)
         print(f"{name}: ran and pushed in {time.perf_counter() - start:.0f} s ({' '.join(settings)})", flush=True)
+    if not args.dry_run:
+        back_to_the_commit()
     print(f"host {index} of {count}: {len(ran)} ran, {len(skipped)} already done, {len(failed)} failed")
     if failed:
         sys.exit("error: " + "\nerror: ".join(failed))
