@@ -108,8 +108,8 @@ def without_tf_data_autotune():
                 return keras_batches(self)
             options = tf.data.Options()
             options.autotune.enabled = False
-            dataset = tf.data.Dataset.from_generator(self._get_iterator, output_signature=spec(tf))
-            return dataset.prefetch(2).with_options(options)  # reads two batches ahead, as Keras's own would
+            # no prefetch: a batch is read when the step asks for it, in the step's own thread
+            return tf.data.Dataset.from_generator(self._get_iterator, output_signature=spec(tf)).with_options(options)
 
         get_batches_dataset.without_autotune, get_batches_dataset.keras_own = True, keras_batches
         batches.get_tf_dataset = get_batches_dataset
