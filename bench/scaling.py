@@ -143,8 +143,8 @@ def main(argv=None):
     for row in rows:
         row["fit_s_per_factor"] = round(row["fit_s"] / row["factor"], 2)
         row["preprocess_s_per_factor"] = round(row["preprocess_s"] / row["factor"], 2)
-        row["anon_growth_mb"] = {"preprocess": round(row["preprocess_peak_anon_mb"] - first["preprocess_peak_anon_mb"], 1),
-                                 "train": round(row["train_peak_anon_mb"] - first["train_peak_anon_mb"], 1)}
+        row["anon_growth_mb"] = {stage: round(row[f"{stage}_peak_anon_mb"] - first[f"{stage}_peak_anon_mb"], 1)
+                                 for stage in ("preprocess", "train")}
     result = {"host_cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs,
               "backend": params["base"]["backend"], "margin_mb": MARGIN_MB, "rows": rows,
@@ -153,7 +153,8 @@ def main(argv=None):
     print(f"{'k':>3} {'images':>9} {'prep s':>7} {'prep anon MB':>12} {'fit s':>7} {'fit s/k':>7} "
           f"{'train anon MB':>13} {'train HWM MB':>12}")
     for r in rows:
-        print(f"{r['factor']:>3} {r['train_images']:>9,} {r['preprocess_s']:>7.1f} {r['preprocess_peak_anon_mb']:>12.1f} "
+        print(f"{r['factor']:>3} {r['train_images']:>9,} {r['preprocess_s']:>7.1f} "
+              f"{r['preprocess_peak_anon_mb']:>12.1f} "
               f"{r['fit_s']:>7.1f} {r['fit_s_per_factor']:>7.1f} {r['train_peak_anon_mb']:>13.1f} "
               f"{r['train_vmhwm_mb']:>12.1f}")
     print(f"memory flat within {MARGIN_MB} MB: {result['memory_flat']}; wrote {args.out} ({cpu_model()})")

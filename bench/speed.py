@@ -11,13 +11,17 @@ In a temporary copy of the project, on the full MNIST (it refuses the sample):
      initial weights and data, alternating A B B A A B ... so that a slow phase
      of the machine, or a place in the order, hits both; medians of fit time, samples/s, peak RSS of the
      training process, and test accuracy of each;
-  3. the fast preset (params-fast.yaml): fit time, test accuracy, time-to-99 %;
+  3. the fast preset (params-fast.yaml) over --fast-seeds seeds (5), each from its own
+     initial weights, the test set's accuracy read after every epoch (bench.fast_preset):
+     time to 99 % per seed and their mean, each seed's accuracy;
   4. a training step op by op (bench.step_profile), summarized;
-  5. the ceiling: the CPU's matrix-product rate (bench.peak, before and
-     after the runs, the better kept) and the model's training FLOPs
-     (details/model.json) give the fit time no code could beat, and each
-     run's share of it.
-Writes everything to a JSON file and prints a table. --quick: one run of each.
+  5. the ceiling: the CPU's float32 and bfloat16 matrix-product rates (bench.peak, before
+     and after the runs, the better kept) and the models' training FLOPs give the time no
+     code could beat for each timed figure, and each figure's ratio to it.
+Writes everything to a JSON file, with the CPU's name and features, and prints a table.
+--quick: one run of each (the fast preset's seeds stay). A part that fails (a stage's
+error on some CPU) is recorded with its error line and the benchmark goes on; it then
+exits 1 at the end, keeping its temporary copy and log.
 Not a test: it asserts nothing, it measures.
 """
 
@@ -34,14 +38,17 @@ import time
 from pathlib import Path
 
 import yaml
-from mnist_cnn.backend import cpu_features, cpu_model
+from mnist_cnn.backend import cpu_features, cpu_model, has_bfloat16_units
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ["stages", "mnist_cnn", "tools", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml",
         "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-TARGETS = {"fit_ratio": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800, "fast_fit_s": 12.0,
+# Issue #23's targets: the fit against the seed's code and against the CPU's float32 matmul peak; the fast
+# preset's time to 99 % (mean of its seeds, each seed and the mean above an accuracy); the time around the fit.
+TARGETS = {"fit_ratio": 0.6, "peak_share": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800,
+           "fast_to_99_s": 10.0, "fast_to_99_s_bf16": 5.0, "fast_min_accuracy": 0.989, "fast_mean_accuracy": 0.99,
            "noop_repro_s": 3.0, "fresh_overhead_s": 20.0, "evaluate_change_s": 15.0}
 
 
@@ -64,9 +71,32 @@ def sh(args, cwd, log, lines=None):
                     out.write(line)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: `{' '.join(map(str, args))}` failed; see {log}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise PartFailed(f"`{' '.join(map(str, args[:4]))} ...` failed (exit {code}): {last_error(log)}")
     return wall, usage.ru_maxrss / 1024
+
+
+class PartFailed(Exception):
+    """One part of the benchmark failed: recorded in the results, and the benchmark goes on."""
+
+
+def last_error(log):
+    """The line of `log` that says what went wrong: the last `error:` line, else its last non-empty line."""
+    lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("error:", "ERROR:")) or "Error:" in line]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
+def attempt(failures, name, function, *args):
+    """function(*args), or None where it failed: the reason recorded in `failures[name]` and printed, so a
+    part that fails on some CPU (an export, a precision) is a result, never the end of the benchmark."""
+    try:
+        return function(*args)
+    except (PartFailed, OSError, KeyError, ValueError) as err:
+        failures[name] = str(err)
+        print(f"bench: {name} FAILED: {err}", flush=True)
+        return None
 
 
 def stage_times(lines, end):
@@ -164,13 +194,31 @@ def run_peak(work, tag, log):
     return run_script(work, tag, log, "bench.peak")[0]
 
 
-def ceiling(peaks, train_flops_per_image, images, epochs, fast_epochs):
-    """The fit-time floors: the training FLOPs at the best matmul rate measured (float32; bfloat16 for the preset)."""
+def ceiling(peaks, train_flops_per_image, images, epochs):
+    """The seed's fit-time floor: its training FLOPs at the best float32 matmul rate measured."""
     float32 = max(p["float32_gflops"] for p in peaks)
     bfloat16 = max(p["bfloat16_gflops"] for p in peaks)
-    flops = train_flops_per_image * images
     return {"float32_gflops": float32, "bfloat16_gflops": bfloat16, "train_flops_per_image": train_flops_per_image,
-            "floor_fit_s": flops * epochs / (float32 * 1e9), "fast_floor_fit_s": flops * fast_epochs / (bfloat16 * 1e9)}
+            "floor_fit_s": train_flops_per_image * images * epochs / (float32 * 1e9)}
+
+
+def fast_summary(seeds, floor_s, bfloat16_units):
+    """The fast preset over its seeds: mean time to 99 % (a seed that never reaches it is a miss: no mean),
+    each seed's and the mean test accuracy, the floors of one epoch at each peak, the target that applies."""
+    done = [s for s in seeds if "failed" not in s]
+    times = [s["time_to_99_s"] for s in done]
+    accuracies = [s["test_accuracy"] for s in done]
+    target = TARGETS["fast_to_99_s_bf16" if bfloat16_units else "fast_to_99_s"]
+    mean = statistics.mean(times) if times and None not in times and len(done) == len(seeds) else None
+    summary = {"seeds": seeds, "precision": done[0]["precision"] if done else None,
+               "mean_time_to_99_s": mean, "misses": sum(t is None for t in times) + len(seeds) - len(done),
+               "mean_test_accuracy": statistics.mean(accuracies) if accuracies else None,
+               "min_test_accuracy": min(accuracies) if accuracies else None,
+               "target_s": target, "floor_epoch_s": floor_s}
+    summary["met"] = bool(mean is not None and mean <= target
+                          and summary["min_test_accuracy"] >= TARGETS["fast_min_accuracy"]
+                          and summary["mean_test_accuracy"] >= TARGETS["fast_mean_accuracy"])
+    return summary
 
 
 def median_of(runs):
@@ -197,59 +245,111 @@ def overhead(work, log):
 
 
 def table(result):
-    ref, ours, fast, pipe = result["reference"], result["ours"], result["fast_preset"], result["pipeline"]
-    t, top = TARGETS, result["ceiling"]
-    share = {name: 100 * top["floor_fit_s"] / result[name]["fit_time_s"] for name in ("reference", "ours")}
+    """The figures against their targets and floors; a part that failed shows as FAILED, one not run as -."""
+    t, top, pipe = TARGETS, result.get("ceiling"), result.get("pipeline")
+    ref, ours, fast = result.get("reference"), result.get("ours"), result.get("fast_preset")
+
+    def ok(flag):
+        return "yes" if flag else "NO"
+
+    def cell(part, text):
+        """`text()` where the part ran; FAILED or - where it did not."""
+        if part is not None:
+            return text()
+        return "-"
 
     def spread(name):
         times = [run["fit_time_s"] for run in result["runs"][name]]
         return f"{result[name]['fit_time_s']:.1f}" + (f" ({min(times):.0f}-{max(times):.0f})" if len(times) > 1 else "")
 
-    def ok(flag):
-        return "yes" if flag else "NO"
+    def share(run):
+        return top["floor_fit_s"] / run["fit_time_s"]
 
-    rows = [
-        ("", "reference", "ours", "ours/ref", "target", "met"),
-        ("fit time, 5 epochs (s)", spread("reference"), spread("ours"),
-         f"{result['fit_ratio']:.2f}", f"<= {t['fit_ratio']}x", ok(result["fit_ratio"] <= t["fit_ratio"])),
-        ("floor: its FLOPs at matmul peak (s)", f"{top['floor_fit_s']:.1f}", f"{top['floor_fit_s']:.1f}", "",
-         f"{top['float32_gflops']:.0f} GFLOP/s", ""),
-        ("share of that peak (%)", f"{share['reference']:.0f}", f"{share['ours']:.0f}", "",
-         f"{t['fit_ratio']}x needs {share['reference'] / t['fit_ratio']:.0f}", ""),
-        ("CPU time in fit (s), all threads", f"{ref['fit_cpu_s']:.1f}", f"{ours['fit_cpu_s']:.1f}",
-         f"{ours['fit_cpu_s'] / ref['fit_cpu_s']:.2f}", "", ""),
-        ("cores busy in fit (of " + str(result["machine"]["cores"]) + ")",
-         f"{ref['fit_cpu_s'] / ref['fit_time_s']:.2f}", f"{ours['fit_cpu_s'] / ours['fit_time_s']:.2f}", "", "", ""),
-        ("samples/s", f"{ref['samples_per_s']:.0f}", f"{ours['samples_per_s']:.0f}",
-         f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}", "", ""),
-        ("test accuracy (%)", f"{100 * ref['test_accuracy']:.2f}", f"{100 * ours['test_accuracy']:.2f}",
-         f"{100 * (ours['test_accuracy'] - ref['test_accuracy']):+.2f} pt", f"within {t['accuracy_points']} pt",
-         ok(abs(ours["test_accuracy"] - ref["test_accuracy"]) * 100 <= t["accuracy_points"])),
-        ("peak RSS of training (MB)", f"{ref['peak_rss_mb']:.0f}", f"{ours['peak_rss_mb']:.0f}",
-         f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}", f"<= {t['train_rss_mb']} MB",
-         ok(ours["peak_rss_mb"] <= t["train_rss_mb"])),
-        ("fast preset: fit (s) / test acc (%)", "", f"{fast['fit_time_s']:.1f} / {100 * fast['test_accuracy']:.2f}",
-         "", f">= 99.0 % in <= {t['fast_fit_s']} s",
-         ok(fast["test_accuracy"] >= 0.99 and fast["fit_time_s"] <= t["fast_fit_s"])),
-        ("fast preset: time-to-99 % (s)", "", "-" if fast["time_to_99_s"] is None else f"{fast['time_to_99_s']:.1f}",
-         "", "", ""),
-        ("fast preset floor at bf16 peak (s)", "", f"{top['fast_floor_fit_s']:.1f}", "",
-         f"{top['bfloat16_gflops']:.0f} GFLOP/s", ""),
-        ("no-op dvc repro (s)", "", f"{pipe['noop_repro_s']:.1f}", "", f"<= {t['noop_repro_s']}",
-         ok(pipe["noop_repro_s"] <= t["noop_repro_s"])),
-        ("fresh dvc repro (s)", "", f"{pipe['fresh_repro_s']:.1f} (fit {pipe['fresh_fit_s']:.1f})", "",
-         f"<= fit + {t['fresh_overhead_s']:.0f}", ok(pipe["fresh_overhead_s"] <= t["fresh_overhead_s"])),
-        ("evaluate-only change (s)", "", f"{pipe['evaluate_change_s']:.1f}", "", f"<= {t['evaluate_change_s']}",
-         ok(pipe["evaluate_change_s"] <= t["evaluate_change_s"])),
-    ]
+    rows = [("", "reference", "ours", "ours/ref", "target", "met")]
+    if ref and ours:
+        rows.append(("fit time, 5 epochs (s)", spread("reference"), spread("ours"), f"{result['fit_ratio']:.2f}",
+                     f"<= {t['fit_ratio']}x", ok(result["fit_ratio"] <= t["fit_ratio"])))
+    else:
+        rows.append(("fit time, 5 epochs (s)", cell(ref, lambda: spread("reference")),
+                     cell(ours, lambda: spread("ours")), "", f"<= {t['fit_ratio']}x", "NO"))
+    if top:
+        rows += [
+            ("floor: its FLOPs at fp32 matmul peak (s)", f"{top['floor_fit_s']:.1f}", f"{top['floor_fit_s']:.1f}", "",
+             f"{top['float32_gflops']:.0f} GFLOP/s", ""),
+            ("share of that peak (%)", cell(ref, lambda: f"{100 * share(ref):.0f}"),
+             cell(ours, lambda: f"{100 * share(ours):.0f}"), "", f">= {100 * t['peak_share']:.0f}",
+             ok(ours is not None and share(ours) >= t["peak_share"])),
+        ]
+    if ref and ours:
+        rows += [
+            ("CPU time in fit (s), all threads", f"{ref['fit_cpu_s']:.1f}", f"{ours['fit_cpu_s']:.1f}",
+             f"{ours['fit_cpu_s'] / ref['fit_cpu_s']:.2f}", "", ""),
+            ("cores busy in fit (of " + str(result["machine"]["cores"]) + ")",
+             f"{ref['fit_cpu_s'] / ref['fit_time_s']:.2f}", f"{ours['fit_cpu_s'] / ours['fit_time_s']:.2f}",
+             "", "", ""),
+            ("samples/s", f"{ref['samples_per_s']:.0f}", f"{ours['samples_per_s']:.0f}",
+             f"{ours['samples_per_s'] / ref['samples_per_s']:.2f}", "", ""),
+            ("test accuracy (%)", f"{100 * ref['test_accuracy']:.2f}", f"{100 * ours['test_accuracy']:.2f}",
+             f"{100 * (ours['test_accuracy'] - ref['test_accuracy']):+.2f} pt", f"within {t['accuracy_points']} pt",
+             ok(abs(ours["test_accuracy"] - ref["test_accuracy"]) * 100 <= t["accuracy_points"])),
+        ]
+    if ours:
+        rows.append(("peak RSS of training (MB)", cell(ref, lambda: f"{ref['peak_rss_mb']:.0f}"),
+                     f"{ours['peak_rss_mb']:.0f}", "", f"<= {t['train_rss_mb']} MB",
+                     ok(ours["peak_rss_mb"] <= t["train_rss_mb"])))
+    if fast:
+        seeds = [s for s in fast["seeds"] if "failed" not in s]
+        rows.append((f"fast preset ({fast['precision']}): time to 99 % (s), mean of {len(fast['seeds'])} seeds", "",
+                     "-" if fast["mean_time_to_99_s"] is None else f"{fast['mean_time_to_99_s']:.1f}",
+                     f"{fast['misses']} missed", f"<= {fast['target_s']:g} s", ok(fast["met"])))
+        if seeds:
+            rows.append(("fast preset: test accuracy (%), mean / lowest", "",
+                         f"{100 * fast['mean_test_accuracy']:.2f} / {100 * fast['min_test_accuracy']:.2f}", "",
+                         f">= {100 * t['fast_mean_accuracy']:.1f} / {100 * t['fast_min_accuracy']:.1f}", ""))
+        if fast.get("floor_epoch_s"):
+            floor = fast["floor_epoch_s"]
+            rows.append(("fast preset: an epoch at fp32 / bf16 peak (s)", "",
+                         f"{floor['float32']:.1f} / {floor['bfloat16']:.1f}", "", "", ""))
+    if pipe:
+        rows += [
+            ("no-op dvc repro (s)", "", f"{pipe['noop_repro_s']:.1f}", "", f"<= {t['noop_repro_s']}",
+             ok(pipe["noop_repro_s"] <= t["noop_repro_s"])),
+            ("fresh dvc repro (s)", "", f"{pipe['fresh_repro_s']:.1f} (fit {pipe['fresh_fit_s']:.1f})", "",
+             f"<= fit + {t['fresh_overhead_s']:.0f}", ok(pipe["fresh_overhead_s"] <= t["fresh_overhead_s"])),
+            ("evaluate-only change (s)", "", f"{pipe['evaluate_change_s']:.1f}", "", f"<= {t['evaluate_change_s']}",
+             ok(pipe["evaluate_change_s"] <= t["evaluate_change_s"])),
+        ]
+    rows += [(f"FAILED: {name}", "", reason[:60], "", "", "NO") for name, reason in result.get("failures", {}).items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def seed_params(work, seed):
+    """A params file with the fast preset applied and base.seed set, and its own initial weights."""
+    params = work / "bench_runs" / f"fast-seed{seed}" / "params.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "params.yaml", params)
+    set_params(params, {**yaml.safe_load((work / "params-fast.yaml").read_text()), "base.seed": seed})
+    return params
+
+
+def run_fast_seed(work, seed, log):
+    """The fast preset from the seed's own initial weights: bench.fast_preset's per-epoch record."""
+    params = seed_params(work, seed)
+    folder = params.parent
+    sh([sys.executable, "-m", "stages.build_init_weights", "--out", folder / "init", "--metrics",
+        folder / "init_metrics.json", "--details", folder / "init_details.json", "--params", params], work, log)
+    result, rss = run_script(work, f"fast-seed{seed}/result", log, "bench.fast_preset", "--params", params,
+                             "--init", folder / "init")
+    flops = json.loads((folder / "init_details.json").read_text())["train_flops_per_image"]
+    return {**result, "peak_rss_mb": rss, "train_flops_per_image": flops}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run of each instead of --repeats")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each (default 3)")
+    parser.add_argument("--fast-seeds", type=int, default=5, help="seeds of the fast preset (default 5)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project copy")
     parser.add_argument("--pipeline-only", action="store_true",
@@ -260,58 +360,101 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     log = work / "bench.log"
     print(f"bench: working in {work} (log: {log})")
-    ok = False
-    try:
-        make_project(work)
-        print("bench: the CPU's matmul peak ...", flush=True)
-        peaks = [run_peak(work, "peak0", log)]
-        print("bench: fresh dvc repro, no-op repro, evaluate-only change ...", flush=True)
-        pipeline = overhead(work, log)
-        if args.pipeline_only:
-            ok = True
-            return write_pipeline_only(args.out, pipeline)
-        runs = {"reference": [], "ours": []}
-        for i in range(repeats):
-            # A B, B A, A B, ...: whatever a run's place in the order does to it (the host's
-            # scheduling after a busy spell, a warm page cache) falls on both alike
-            order = ["reference", "ours"] if i % 2 == 0 else ["ours", "reference"]
-            print(f"bench: round {i + 1}/{repeats}: {order[0]}, then {order[1]} ...", flush=True)
-            for name in order:
-                runs[name].append(run_reference(work, f"reference{i}", log) if name == "reference"
-                                  else run_ours(work, work / "params.yaml", f"ours{i}", log))
-        reference, ours = runs["reference"], runs["ours"]
-        print("bench: fast preset ...", flush=True)
-        fast_params = work / "params-fast-applied.yaml"
-        shutil.copy(work / "params.yaml", fast_params)
-        set_params(fast_params, yaml.safe_load((work / "params-fast.yaml").read_text()))
-        fast = run_ours(work, fast_params, "fast", log)
-        fast["time_to_99_s"] = fast["fit_time_s"] if fast["test_accuracy"] >= 0.99 else None
-        print("bench: a step op by op ...", flush=True)
-        profile = run_profile(work, log)
-        peaks.append(run_peak(work, "peak1", log))
-        train_flops = json.loads((work / "details" / "model.json").read_text())["train_flops_per_image"]
-        fast_epochs = yaml.safe_load((work / "params-fast.yaml").read_text())["train.epochs"]
-        seed_run = json.loads((work / "details" / "train_cpu.json").read_text())  # the fresh repro's
-        top = ceiling(peaks, train_flops, seed_run["train_images"], seed_run["epochs"], fast_epochs)
-        ok = True
-    finally:
-        if ok and not args.keep:  # on failure the copy stays, with its log, for a look
-            shutil.rmtree(work, ignore_errors=True)
+    failures = {}
+    make_project(work)
+    print("bench: the CPU's matmul peak ...", flush=True)
+    peaks = [attempt(failures, "peak, before", run_peak, work, "peak0", log)]
+    print("bench: fresh dvc repro, no-op repro, evaluate-only change ...", flush=True)
+    pipeline = attempt(failures, "pipeline", overhead, work, log)
+    if args.pipeline_only:
+        return finish(work, args, failures, write_pipeline_only, args.out, pipeline)
+    if pipeline is None:  # no data, no initial weights: nothing else can run
+        return finish(work, args, failures, write_result, args.out, {"machine": machine_facts(), "targets": TARGETS,
+                                                                     "failures": failures})
+    runs = {"reference": [], "ours": []}
+    for i in range(repeats):
+        # A B, B A, A B, ...: whatever a run's place in the order does to it (the host's
+        # scheduling after a busy spell, a warm page cache) falls on both alike
+        order = ["reference", "ours"] if i % 2 == 0 else ["ours", "reference"]
+        print(f"bench: round {i + 1}/{repeats}: {order[0]}, then {order[1]} ...", flush=True)
+        for name in order:
+            run = (attempt(failures, f"reference, run {i + 1}", run_reference, work, f"reference{i}", log)
+                   if name == "reference" else
+                   attempt(failures, f"ours, run {i + 1}", run_ours, work, work / "params.yaml", f"ours{i}", log))
+            if run is not None:
+                runs[name].append(run)
+    seed = yaml.safe_load((work / "params.yaml").read_text())["base"]["seed"]
+    fast_seeds = []
+    for k in range(args.fast_seeds):
+        print(f"bench: fast preset, seed {seed + k} ({k + 1} of {args.fast_seeds}) ...", flush=True)
+        fast_seeds.append(attempt(failures, f"fast preset, seed {seed + k}", run_fast_seed, work, seed + k, log)
+                          or {"seed": seed + k, "failed": failures[f"fast preset, seed {seed + k}"]})
+    print("bench: a step op by op ...", flush=True)
+    profile = attempt(failures, "step profile", run_profile, work, log)
+    peaks.append(attempt(failures, "peak, after", run_peak, work, "peak1", log))
+    peaks = [p for p in peaks if p is not None]
+    features = cpu_features()
+    result = {"machine": machine_facts(), "repeats": repeats, "targets": TARGETS, "failures": failures,
+              "runs": runs, "pipeline": pipeline, "peaks": peaks, "step_profile": profile}
+    for name in ("reference", "ours"):
+        result[name] = median_of(runs[name]) if runs[name] else None
+    if result["reference"] and result["ours"]:
+        result["fit_ratio"] = result["ours"]["fit_time_s"] / result["reference"]["fit_time_s"]
+    seed_run = json.loads((work / "details" / "train_cpu.json").read_text())  # the fresh repro's
+    train_flops = json.loads((work / "details" / "model.json").read_text())["train_flops_per_image"]
+    result["ceiling"] = ceiling(peaks, train_flops, seed_run["train_images"], seed_run["epochs"]) if peaks else None
+    fast_flops = next((s["train_flops_per_image"] for s in fast_seeds if "failed" not in s), None)
+    floor_epoch = ({kind: fast_flops * seed_run["train_images"] / (result["ceiling"][f"{kind}_gflops"] * 1e9)
+                    for kind in ("float32", "bfloat16")} if fast_flops and peaks else None)
+    result["fast_preset"] = fast_summary(fast_seeds, floor_epoch, has_bfloat16_units(features))
+    result["floors"] = floors(result)
+    return finish(work, args, failures, write_result, args.out, result)
 
-    result = {
-        "machine": machine_facts(),
-        "repeats": repeats, "targets": TARGETS,
-        "reference": median_of(reference), "ours": median_of(ours),
-        "fit_ratio": median_of(ours)["fit_time_s"] / median_of(reference)["fit_time_s"],
-        "runs": {"reference": reference, "ours": ours},
-        "fast_preset": fast, "pipeline": pipeline, "ceiling": top, "peaks": peaks, "step_profile": profile,
-    }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{machine_line(result['machine'])}; fast preset in {fast['precision']}")
-    print(table(result))
-    print(by_stage(pipeline))
-    print(profile_summary(profile))
-    print(f"wrote {args.out}")
+
+def floors(result):
+    """Each timed figure beside the time no code could beat (its FLOPs at the matmul peak), and the ratio."""
+    top, out = result["ceiling"], {}
+    if not top:
+        return out
+    for name in ("reference", "ours"):
+        if result[name]:
+            out[f"{name}_fit_s"] = {"figure": result[name]["fit_time_s"], "floor": top["floor_fit_s"],
+                                    "share_of_peak": top["floor_fit_s"] / result[name]["fit_time_s"]}
+    fast = result["fast_preset"]
+    if fast["floor_epoch_s"]:
+        kind = "bfloat16" if fast["precision"] == "mixed_bfloat16" else "float32"
+        for seed in fast["seeds"]:
+            if "failed" not in seed and seed["time_to_99_s"] is not None:
+                epochs = next(e["epoch"] for e in seed["epochs"] if e["test_accuracy"] >= 0.99)
+                floor = fast["floor_epoch_s"][kind] * epochs
+                out[f"fast_seed{seed['seed']}_to_99_s"] = {"figure": seed["time_to_99_s"], "floor": floor,
+                                                           "share_of_peak": floor / seed["time_to_99_s"]}
+    return out
+
+
+def finish(work, args, failures, write, *what):
+    """Write and print what was measured; keep the copy (with its log) where a part failed; exit 1 then."""
+    write(*what)
+    if failures:
+        print(f"bench: {len(failures)} part(s) failed: {', '.join(failures)}; the copy and its log stay in {work}")
+        sys.exit(1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_result(out, result):
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(machine_line(result["machine"]))
+    if "pipeline" in result:
+        print(table(result))
+        print(by_stage(result["pipeline"]))
+        if result["step_profile"]:
+            print(profile_summary(result["step_profile"]))
+        for seed in result["fast_preset"]["seeds"]:
+            print(f"fast preset, seed {seed['seed']}: " + (f"FAILED ({seed['failed']})" if "failed" in seed else
+                  ", ".join(f"epoch {e['epoch']} {e['epoch_s']:.1f} s {100 * e['test_accuracy']:.2f} %"
+                            for e in seed["epochs"])))
+    print(f"wrote {out}")
 
 
 def machine_facts():
@@ -334,6 +477,8 @@ def write_pipeline_only(out, pipeline):
     machine = machine_facts()
     out.write_text(json.dumps({"machine": machine, "targets": TARGETS, "pipeline": pipeline}, indent=2) + "\n")
     print(machine_line(machine))
+    if pipeline is None:
+        return
     print(f"fresh dvc repro {pipeline['fresh_repro_s']:.1f} s, of which fit {pipeline['fresh_fit_s']:.1f} s "
           f"(+{pipeline['fresh_overhead_s']:.1f} s; target +{TARGETS['fresh_overhead_s']:.0f}); "
           f"no-op {pipeline['noop_repro_s']:.1f} s (target {TARGETS['noop_repro_s']}); "

@@ -114,7 +114,8 @@ def start_job(job):
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - JAX raises its runtime's errors as they come
         raise UserError(f"process {job.rank} of {job.count} could not join the job at {job.coordinator} "
-                        f"({' '.join(str(err).split())[:200]}); check that every process started, and the address") from None
+                        f"({' '.join(str(err).split())[:200]}); check that every process started, "
+                        f"and the address") from None
 
 
 def free_port():

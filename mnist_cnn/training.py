@@ -15,6 +15,8 @@ from mnist_cnn import N_CLASSES
 from mnist_cnn.backend import (backend_version, cpu_features, cpu_model, data_parallel, device_env, import_keras,
                                import_onnxruntime, onednn_enabled, resolve_precision, set_up_device)
 from mnist_cnn.errors import UserError
+from mnist_cnn.files import read_json
+from mnist_cnn.model import check_pixels, initial_network, standardize_table
 from mnist_cnn.params import SPARSE_LOSSES
 from mnist_cnn.processes import start_job
 
@@ -370,6 +372,23 @@ def set_up(base, train, device, job=None):
     return Setup(keras, device_name, precision, features, in_parallel, replica_devices)
 
 
+def load_training_data(data, init, setup):
+    """(uint8 training images, memory-mapped, digits, scaler record, its standardization table, the initial
+    network), each checked against what its stage wrote; the network is built inside the data-parallel scope,
+    where its variables must live."""
+    try:
+        pixels = np.load(data / "pixels_train.npy", mmap_mode="r")
+        y = np.load(data / "y_train.npy", mmap_mode="r")
+        scaler = read_json(data / "scaler.json")
+        table = standardize_table(scaler)
+        check_pixels(pixels, np.load(data / "x_train.npy", mmap_mode="r"), table)
+        with setup.in_parallel():
+            network = initial_network(setup.keras, init, setup.precision)
+    except FileNotFoundError as err:
+        raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
+    return pixels, y, scaler, table, network
+
+
 def compile_model(keras, model, train, n_images):
     """Compile `model` with train's optimizer, schedule, loss and accuracy metric, for `n_images` images."""
     accuracy = (keras.metrics.SparseCategoricalAccuracy if train.loss in SPARSE_LOSSES
@@ -386,10 +405,11 @@ class Fitted(typing.NamedTuple):
     fit_cpu_s: float    # CPU time of all the process's threads: a busy or throttled host does not inflate it
 
 
-def fit(keras, model, pixels, y, train, live, seed, rank=0):
+def fit(keras, model, pixels, y, train, live, seed, rank=0, after_epoch=()):
     """Compile and fit on `pixels` (memory-mapped or not) read batch by batch, logging each epoch to `live`
     (None: no log, as in every process of a run but the first); a run that diverges or learns nothing raises
-    Diverged. Every process of a multi-process run calls it alike: its collectives run in the same order."""
+    Diverged. Every process of a multi-process run calls it alike: its collectives run in the same order.
+    `after_epoch`: more Keras callbacks (a benchmark's), run after the epoch's time is taken."""
     compile_model(keras, model, train, len(pixels))
     n_fit = fit_size(len(pixels), train.validation_split)
     feed = dict(batch_size=train.batch_size, loss=train.loss, seed=seed, rank=rank, count=train.processes)
@@ -412,7 +432,7 @@ def fit(keras, model, pixels, y, train, live, seed, rank=0):
 
     before = reference_loss(keras, model, pixels, y, train.loss)
     guard = DivergenceGuard(keras, model, train.learning_rate, before)
-    callbacks = [guard.callback(), EpochLog()]
+    callbacks = [guard.callback(), EpochLog(), *after_epoch]
     if live is not None:
         live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
         callbacks.append(live_callback(keras, live))

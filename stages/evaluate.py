@@ -162,7 +162,7 @@ def main(argv=None):
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        pixels = dict(zip(wrong, unstandardize(np.asarray(x[wrong]), scaler)))  # only the mistakes shown
+        pixels = dict(zip(wrong, unstandardize(np.asarray(x[wrong]), scaler), strict=True))  # only the mistakes shown
         mistakes_png(pixels, y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
     write_json(args.details, metrics)

@@ -36,31 +36,15 @@ import numpy as np
 
 from mnist_cnn.backend import on_gpu, placement, thread_env
 from mnist_cnn.errors import UserError
-from mnist_cnn.files import atomic_path, check_files, read_json, to_json, write_json, write_manifest
-from mnist_cnn.model import check_pixels, classifier, in_float32, initial_network, standardize_table
+from mnist_cnn.files import atomic_path, check_files, to_json, write_json, write_manifest
+from mnist_cnn.model import classifier, in_float32
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
                               train_params_for, values_per_image)
 from mnist_cnn.processes import check_job, finish_job, job_from_env, run_here, watch_launcher
 from mnist_cnn.stage import exit_at_once_on_failure, run
 from mnist_cnn.training import (CHECK_IMAGES, augmented, check_float32, check_replicas, check_shares, check_split,
-                                export_onnx, fit, fit_size, local_copy, run_record, set_up)
-
-
-def load_training_data(data, init, setup):
-    """(uint8 training images, memory-mapped, digits, scaler record, its standardization table, the initial
-    network), each checked against what its stage wrote; the network is built inside the data-parallel scope,
-    where its variables must live."""
-    try:
-        pixels = np.load(data / "pixels_train.npy", mmap_mode="r")
-        y = np.load(data / "y_train.npy", mmap_mode="r")
-        scaler = read_json(data / "scaler.json")
-        table = standardize_table(scaler)
-        check_pixels(pixels, np.load(data / "x_train.npy", mmap_mode="r"), table)
-        with setup.in_parallel():
-            network = initial_network(setup.keras, init, setup.precision)
-    except FileNotFoundError as err:
-        raise UserError(f"{err.filename} not found: run `dvc repro` to make it") from None
-    return pixels, y, scaler, table, network
+                                export_onnx, fit, fit_size, load_training_data, local_copy, run_record,
+                                set_up)
 
 
 def count_images(data):

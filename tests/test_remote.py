@@ -389,7 +389,8 @@ def test_two_hosts_share_one_sweep_and_run_each_experiment_once(origin, remotes,
     assert all(proc.returncode == 0 for proc in runs), "\n".join(logs)
     ran_by = {i: {line.split(":")[0] for line in log.splitlines() if ": ran and pushed" in line}
               for i, log in enumerate(logs)}
-    assert ran_by[0] == {"small-batch", "learning_rate-0.004-epochs-2"} and ran_by[1] == {"learning_rate-0.002-epochs-2"}
+    assert ran_by[0] == {"small-batch", "learning_rate-0.004-epochs-2"}
+    assert ran_by[1] == {"learning_rate-0.002-epochs-2"}
     refs = git(team, "for-each-ref", "--format=%(refname)", "refs/exps").split()
     assert sorted(ref.rsplit("/", 1)[-1] for ref in refs) == sorted(names)  # each once, on the git remote
 

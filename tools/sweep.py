@@ -77,8 +77,8 @@ def experiments_of(spec, where="the sweep file"):
         raise UserError(f"{where}: `grid:` maps each param to a list of values, e.g. "
                         f"train.learning_rate: [0.002, 0.004]")
     found = [(str(name), dict(sets)) for name, sets in listed.items()]
-    found += [(grid_name(dict(zip(grid, values))), dict(zip(grid, values)))
-              for values in itertools.product(*grid.values())]
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    found += [(grid_name(sets), sets) for sets in combos]
     names = [name for name, _ in found]
     for name in names:
         if not is_ref_name(name):
