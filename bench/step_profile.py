@@ -121,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64,
                         help="steps traced (after 32 of warm-up and the same steps untraced)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--init", type=Path, default=ROOT / "models" / "init",
+                        help="build_init_weights's folder for these params (another network: its own)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_profile.json")
     parser.add_argument("--top", type=int, default=16, help="op rows printed")
     args = parser.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv=None):
     keras, features, precision = setup.keras, setup.features, setup.precision
     import tensorflow as tf
 
-    data, init = ROOT / "data" / "processed", ROOT / "models" / "init"
+    data, init = ROOT / "data" / "processed", args.init
     model = initial_network(keras, init, precision)
     fitted = classifier(keras, model, standardize_table(read_json(data / "scaler.json")))
     warm, n = 32, args.steps * train.batch_size

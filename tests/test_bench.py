@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mnist_cnn.params import validate
-from mnist_cnn.params import TrainParams
+from mnist_cnn.params import ModelParams, TrainParams
 from tests.conftest import DOCS, ROOT, tiny_params, write_params
 
 
@@ -34,6 +34,8 @@ def test_the_fast_preset_is_valid_params(tmp_path):
     speed.set_params(params, fast_preset())
     train = validate(yaml.safe_load(params.read_text())["train"], TrainParams, "train")
     assert train.optimizer == "adam" and train.lr_schedule == "cosine"
+    model = validate(yaml.safe_load(params.read_text())["model"], ModelParams, "model")
+    assert [block.filters for block in model.conv_blocks.values()] == [16, 32, 32] and model.batch_norm
 
 
 @pytest.mark.parametrize("name", ["fast", "accurate"])

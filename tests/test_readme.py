@@ -104,6 +104,17 @@ ONE_LINE_EXPERIMENTS = [block for kind, text, block in blocks()
                         if "test_the_readmes_one_line_experiments_run_in_a_tiny_project" in (text or "")]
 
 
+def tiny_network_with_the_blocks_it_sets(params_file, words):
+    """The tiny network has two conv blocks; a command that sets a key of a third (the fast preset's conv3) gets
+    a small third block to set it on, in the workspace's params.yaml, which `dvc exp run` takes as it is."""
+    params = yaml.safe_load(params_file.read_text())
+    blocks = params["model"]["conv_blocks"]
+    for setting in [w for i, w in enumerate(words) if words[i - 1] == "-S" and w.startswith("model.conv_blocks.")]:
+        name = setting.split(".")[2]
+        blocks.setdefault(name, {"filters": 8, "kernel_size": 3, "activation": "relu", "pool_size": None})
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     from tests.conftest import make_project
@@ -118,6 +129,7 @@ def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
     try:
         for words in commands(block):
             assert words[:3] == ["dvc", "exp", "run"], words
+            tiny_network_with_the_blocks_it_sets(project / "params.yaml", words)
             dvc(project, *words[1:])
             params = yaml.safe_load((project / "params.yaml").read_text())
             for setting in [w for i, w in enumerate(words) if words[i - 1] == "-S"]:
