@@ -36,7 +36,7 @@ import numpy as np
 
 from mnist_cnn.backend import on_gpu, placement, thread_env
 from mnist_cnn.errors import UserError
-from mnist_cnn.files import atomic_path, check_files, to_json, write_json, write_manifest
+from mnist_cnn.files import atomic_path, check_files, release_pages, to_json, write_json, write_manifest
 from mnist_cnn.model import classifier, in_float32
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
                               train_params_for, values_per_image)
@@ -142,6 +142,8 @@ def main(argv=None):
         details["processes"] = train.processes
         details["job"] = job.source if job else None
         details["thread_env"] = thread_env(os.environ)
+        # the training images' pages are no longer needed: out of memory before the export, the run's peak
+        release_pages(pixels)
         check_images = np.asarray(pixels[:CHECK_IMAGES])
         if setup.precision != "float32":
             # what is saved computes in float32 with the trained weights: exact on every CPU, fast where

@@ -496,3 +496,28 @@ def test_the_gpu_branch_of_device_set_up_as_tensorflow_would_take_it_with_gpus(m
     with pytest.raises(UserError, match=r"train.replicas = 3 but tensorflow sees 2 GPU device\(s\)"):
         set_up_device("tensorflow", "gpu", settings.cpu, settings.gpu, replicas=3)
     assert device_env("tensorflow", "gpu", settings.gpu) == {"NVIDIA_TF32_OVERRIDE": "0"}
+
+
+def rss_file_mb():
+    """This process's resident file-backed memory (mapped files' pages), from /proc."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_release_pages_drops_a_mapped_arrays_pages_and_keeps_its_values(tmp_path):
+    """What train does after the fit, so that the ONNX export (the run's peak of memory) does not hold the
+    training images: the mapping's pages leave the process, and the array reads the same from the file after."""
+    from mnist_cnn.files import release_pages
+    data = np.arange(8 * 2**20, dtype=np.int64)  # 64 MB
+    np.save(tmp_path / "a.npy", data)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    total = int(data.sum())
+    assert int(mapped.sum()) == total  # every page read in
+    before = rss_file_mb()
+    release_pages(mapped)
+    assert before - rss_file_mb() >= 48
+    assert int(mapped[-1]) == data[-1] and int(mapped.sum()) == total  # read again from the file
+    release_pages(data)  # an array in memory: nothing to drop, nothing changed
+    assert int(data.sum()) == total
