@@ -102,11 +102,17 @@ def atomic_path(final):
 
 
 def release_pages(array):
-    """Drop a memory-mapped array's pages from this process's memory; the kernel reads them from the file again
-    if the array is touched. Train calls it after the fit, before the ONNX export, the run's peak of memory."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is not None:
-        mapping.madvise(mmap.MADV_DONTNEED)  # the mapping is read-only: dropping its pages loses nothing
+    """Drop a read-only memory-mapped array's pages from this process's resident memory (they stay in the
+    kernel's page cache, and are mapped again if the array is touched). Train calls it after the fit, before
+    the ONNX export, the process's peak. Anything else (an array in memory, a copy-on-write mapping, whose
+    changes live in those pages) is left as it is; a kernel that refuses the advice changes nothing."""
+    mapping = getattr(array, "_mmap", None)  # NumPy's memmap keeps its mmap.mmap here
+    if mapping is None or getattr(array, "mode", None) != "r":
+        return
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError, AttributeError):  # advice only: the run's results do not depend on it
+        pass
 
 
 def tree_size(path):

@@ -142,7 +142,7 @@ def main(argv=None):
         details["processes"] = train.processes
         details["job"] = job.source if job else None
         details["thread_env"] = thread_env(os.environ)
-        # the training images' pages are no longer needed: out of memory before the export, the run's peak
+        # the training images' mapped pages leave this process before the export, its peak of resident memory
         release_pages(pixels)
         check_images = np.asarray(pixels[:CHECK_IMAGES])
         if setup.precision != "float32":

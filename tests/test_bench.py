@@ -246,3 +246,21 @@ def test_the_fast_preset_bench_reads_the_test_accuracy_after_each_epoch_outside_
     initial.load_weights(prepared / "init" / "initial.weights.h5")
     at_start = float(np.mean(initial.predict(x_test, verbose=0).argmax(1) == y_test))
     assert result["test_accuracy"] > at_start + 0.2
+
+
+def test_the_median_of_runs_takes_numbers_and_keeps_a_setting_as_it_is():
+    """Two runs (one of three failed) with a precision each: the median of the figures, the first run's setting."""
+    speed = load_speed()
+    runs = [{"fit_time_s": 100.0, "precision": "float32"}, {"fit_time_s": 110.0, "precision": "float32"}]
+    assert speed.median_of(runs) == {"fit_time_s": 105.0, "precision": "float32"}
+
+
+def test_a_part_that_raises_anything_is_recorded_not_the_end_of_the_benchmark():
+    speed = load_speed()
+    failures = {}
+
+    def part():
+        return next(iter([]))  # StopIteration, as a lookup that finds nothing raises
+
+    assert speed.attempt(failures, "queued experiment", part) is None
+    assert failures == {"queued experiment": "StopIteration"}

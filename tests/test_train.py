@@ -521,3 +521,7 @@ def test_release_pages_drops_a_mapped_arrays_pages_and_keeps_its_values(tmp_path
     assert int(mapped[-1]) == data[-1] and int(mapped.sum()) == total  # read again from the file
     release_pages(data)  # an array in memory: nothing to drop, nothing changed
     assert int(data.sum()) == total
+    writable = np.load(tmp_path / "a.npy", mmap_mode="c")  # copy-on-write: its changes live in its pages
+    writable[0] = -1
+    release_pages(writable)
+    assert writable[0] == -1
