@@ -26,6 +26,8 @@ Not a test: it asserts nothing, it measures.
 """
 
 import argparse
+import csv
+import io
 import json
 import os
 import platform
@@ -45,6 +47,7 @@ COPY = ["stages", "mnist_cnn", "tools", "bench", "data/sample", "templates", "dv
         "params-fast.yaml", ".dvcignore"]
 # dvc.yaml's commands say `python`: make that this interpreter, as an activated virtualenv would.
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]  # commits in the copy, by any account
 # Issue #23's targets: the fit against the seed's code and against the CPU's float32 matmul peak; the fast
 # preset's time to 99 % (mean of its seeds, each seed and the mean above an accuracy); the time around the fit.
 TARGETS = {"fit_ratio": 0.6, "peak_share": 0.6, "accuracy_points": 0.15, "train_rss_mb": 800,
@@ -122,10 +125,9 @@ def make_project(work):
     """A git + DVC copy of the project (DVCLive wants a commit) in `work`."""
     copy_project(work, COPY)
     (work / ".gitignore").write_text("/bench_runs/\n/bench.log\n")  # the benchmark's own files, not the project's
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                  [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                 ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+                 ["git", "add", "-A"], [*GIT, "commit", "-qm", "bench"]):
         subprocess.run(args, cwd=work, check=True, capture_output=True)
 
 
@@ -247,34 +249,48 @@ def overhead(work, log):
             "fresh_stages_s": stage_times(lines, fresh_s), "noop_repro_s": noop_s, "evaluate_change_s": evaluate_s}
 
 
+def wait_for_the_queue(work, timeout_s):
+    """Poll `dvc queue status` until nothing is queued or running; return the final status text."""
+    deadline = time.perf_counter() + timeout_s
+    status = ""
+    while time.perf_counter() < deadline:
+        status = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=work, env=ENV,
+                                capture_output=True, text=True).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(2.0)  # each `dvc queue status` takes a core for a moment: poll seldom (at most 2 s late)
+    raise PartFailed(f"the queue did not empty in {timeout_s} s: {' '.join(status.split())[:200]}")
+
+
+def experiment_rows(work):
+    """The experiments' rows of `dvc exp show --csv` (the baselines left out), each a dict by column."""
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], cwd=work, env=ENV,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise PartFailed(f"`dvc exp show --csv` failed: {shown.stderr.strip()[-200:]}")
+    return [row for row in csv.DictReader(io.StringIO(shown.stdout)) if row["typ"] != "baseline"]
+
+
 def queued_experiment(work, log):
     """One experiment through DVC's queue, as a user runs one (`dvc exp run --queue`, then `dvc queue start`),
     timed from the start of the queue until it is empty: its wall time, its fit, and the rest (the copy DVC
     makes, the stages' start-ups, evaluate and report, DVC's own work), which is what issue #23 caps.
     One epoch at another learning rate, so that the run cache restores nothing."""
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for args in (["git", "add", "-A"], [*git, "commit", "-qm", "the fresh run"]):
+    for args in (["git", "add", "-A"], [*GIT, "commit", "-qm", "the fresh run"]):
         sh(args, work, log)
     dvc = [sys.executable, "-m", "dvc"]
     sh([*dvc, "exp", "run", "--queue", "-n", "queued", "-S", "train.learning_rate=0.00123", "-S", "train.epochs=1"],
        work, log)
     start = time.perf_counter()
     sh([*dvc, "queue", "start"], work, log)
-    status = ""
-    while time.perf_counter() - start < 1800:
-        status = subprocess.run([*dvc, "queue", "status"], cwd=work, env=ENV, capture_output=True, text=True).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(2.0)  # each `dvc queue status` takes a core for a moment: poll seldom (at most 2 s late)
+    status = wait_for_the_queue(work, timeout_s=1800)
     wall = time.perf_counter() - start
     if "Success" not in status:
         raise PartFailed(f"the queued experiment did not succeed: {' '.join(status.split())[:200]}")
-    shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=work, env=ENV, capture_output=True, text=True)
-    fit = next((exp["data"]["metrics"]["metrics/train_cpu.json"]["data"]["fit_time_s"]
-                for commit in json.loads(shown.stdout or "[]") for exp in commit.get("experiments") or []
-                for exp in exp["revs"] if exp.get("name") == "queued"), None)
+    fit = next((float(row["fit_time_s"]) for row in experiment_rows(work)
+                if row["Experiment"] == "queued" and row["fit_time_s"]), None)
     if fit is None:
-        raise PartFailed(f"`dvc exp show --json` lists no fit time for the queued experiment: {shown.stderr[-200:]}")
+        raise PartFailed("`dvc exp show` lists no fit time for the queued experiment")
     return {"queued_wall_s": round(wall, 1), "queued_fit_s": fit, "queued_overhead_s": round(wall - fit, 1)}
 
 

@@ -15,8 +15,6 @@ thread_env). Prints a table and writes JSON. Not a test: it measures.
 """
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
@@ -27,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from bench.speed import ENV, make_project, set_params
+from bench.speed import ENV, GIT, PartFailed, experiment_rows, make_project, set_params, wait_for_the_queue
 from mnist_cnn.backend import cpu_features, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,23 +41,12 @@ def thread_share(cores, workers):
     return {"TF_NUM_INTRAOP_THREADS": share, "TF_NUM_INTEROP_THREADS": share}
 
 
-def wait_for_the_queue(work, timeout_s):
-    """Poll `dvc queue status` until nothing is queued or running; return the final status text."""
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        status = dvc(work, "queue", "status")
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        time.sleep(1.0)
-    sys.exit(f"bench: the queue did not empty in {timeout_s} s:\n{status}")
-
-
 def experiments(work, rates):
     """{learning rate: (fit s, test accuracy)} of the experiments with those rates, from `dvc exp show --csv`."""
     found = {}
-    for row in csv.DictReader(io.StringIO(dvc(work, "exp", "show", "--csv"))):
+    for row in experiment_rows(work):
         rate = float(row["train.learning_rate"])
-        if row["typ"] != "baseline" and rate in rates and row["fit_time_s"]:
+        if rate in rates and row["fit_time_s"]:
             found[rate] = (float(row["fit_time_s"]), float(row["test.accuracy"]))
     return found
 
@@ -78,9 +65,8 @@ def main(argv=None):
     dvc(work, "repro")
     if not json.loads((work / "metrics" / "data.json").read_text())["full_mnist"]:
         sys.exit("bench: fetch fell back to the sample; give it the full MNIST (MNIST_NPZ=/path/to/mnist.npz)")
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
-    subprocess.run([*git, "commit", "-qm", "the default run"], cwd=work, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "the default run"], cwd=work, check=True)
     result = {"host_cpu": cpu_model(), "cpu_features": cpu_features(), "cores": cores,
               "python": platform.python_version(), "experiments": args.experiments, "epochs": args.epochs,
               "sweeps": []}
@@ -95,9 +81,12 @@ def main(argv=None):
               f"thread(s) each ...", flush=True)
         start = time.perf_counter()
         dvc(work, "queue", "start", "-j", str(workers), env=env)
-        wait_for_the_queue(work, timeout_s=3600)
-        wall = time.perf_counter() - start
-        found = experiments(work, rates)
+        try:
+            wait_for_the_queue(work, timeout_s=3600)
+            wall = time.perf_counter() - start
+            found = experiments(work, rates)
+        except PartFailed as err:
+            sys.exit(f"bench: {err}")
         fits = [fit for fit, _ in found.values()]
         result["sweeps"].append({
             "workers": workers, "threads_each": int(threads["TF_NUM_INTRAOP_THREADS"]), "wall_s": round(wall, 1),
