@@ -33,8 +33,22 @@ def _interrupt(signum, frame):
     if _held["depth"]:
         _held["pending"] = _held["pending"] or signal.Signals(signum)
         return
-    _held["raised"] = signal.Signals(signum)
-    raise Interrupted(signal.Signals(signum))
+    _raise_interrupted(signal.Signals(signum))
+
+
+def _raise_interrupted(signum):
+    """Raise Interrupted, first telling stderr's filter (QuietStderr) to drop what follows: the exception lands
+    wherever the main thread is, inside a library's C code too, and what that code prints as it is cut off
+    is not the run's story (seen on Python 3.13: TensorFlow's nest, interrupted inside an __import__ called
+    from C++, printed "SystemError: ... returned a result with an exception set" and its traceback).
+    run() writes the one line that is, once fd 2 is the real stderr again."""
+    _held["raised"] = signum
+    if _quiet["on"]:
+        try:
+            os.write(2, MUTE_MARK + b"\n")
+        except OSError:
+            pass
+    raise Interrupted(signum)
 
 
 @contextmanager
@@ -56,7 +70,7 @@ def signals_held():
         pending = _held["pending"]
         if pending and not _held["depth"]:
             _held["pending"] = None
-            raise Interrupted(pending)
+            _raise_interrupted(pending)
 
 
 _at_once = {"on": False}  # see exit_at_once_on_failure
@@ -316,13 +330,19 @@ TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\
 
 SHOW_TF_LOGS = "MNIST_TF_LOGS"  # set to 1 to see every line
 
+# Written to the filter's pipe when a signal interrupts the stage: the filter drops every line after it
+# (see _raise_interrupted). Between control characters no library prints (NUL cannot pass in argv).
+MUTE_MARK = b"\x01mnist_cnn: interrupted\x01"
+_quiet = {"on": False}  # whether fd 2 is QuietStderr's pipe now
+
 
 # The filter's own process: it reads the pipe to its end, whatever becomes of the stage (an abort, a crash),
 # so a fatal line is passed on; a write that fails (a closed terminal) drops the text and keeps reading, so
 # the stage never blocks on a full pipe.
 FILTER = """
 import os, re, sys
-noise, out, pending = re.compile(sys.argv[1].encode("latin-1")), sys.stderr.buffer, b""
+noise, mark, out, pending = re.compile(sys.argv[1].encode("latin-1")), sys.argv[2].encode("latin-1"), \\
+    sys.stderr.buffer, b""
 def say(text):
     try:
         out.write(text)
@@ -331,7 +351,10 @@ def say(text):
         pass
 while chunk := os.read(0, 65536):
     *lines, pending = (pending + chunk).split(b"\\n")
-    say(b"".join(line + b"\\n" for line in lines if not noise.match(line)))
+    marked = [i for i, line in enumerate(lines) if mark in line]
+    say(b"".join(line + b"\\n" for line in lines[:marked[0] if marked else None] if not noise.match(line)))
+    if marked:  # from the mark on, every line drops (a thread's unfinished line before it too)
+        pending, noise = b"", re.compile(b"")
 if pending and not noise.match(pending):
     say(pending)
 """
@@ -357,13 +380,14 @@ class QuietStderr:
         sys.stderr.flush()
         read_end, write_end = os.pipe()
         try:
-            self.filter = subprocess.Popen([sys.executable, "-S", "-c", FILTER, TF_NOISE.pattern.decode("latin-1")],
-                                           stdin=read_end)
+            self.filter = subprocess.Popen([sys.executable, "-S", "-c", FILTER, TF_NOISE.pattern.decode("latin-1"),
+                                            MUTE_MARK.decode("latin-1")], stdin=read_end)
         finally:
             os.close(read_end)
         self.saved = os.dup(2)
         os.dup2(write_end, 2)
         os.close(write_end)
+        _quiet["on"] = True
         return self
 
     def __exit__(self, *exc):
@@ -375,6 +399,7 @@ class QuietStderr:
         if self.filter is None:
             return
         sys.stderr.flush()
+        _quiet["on"] = False
         os.dup2(self.saved, 2)  # the pipe's last writer here closes: the filter reads to its end and exits
         os.close(self.saved)
         try:

@@ -388,6 +388,38 @@ run(main)
 """
 
 
+PRINTED = """
+import os, signal, sys, traceback
+from mnist_cnn.stage import run
+
+def main():
+    print("before the signal: this line passes", file=sys.stderr, flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIG{name})
+        sum(range(10**6))  # the handler runs here, inside the library's call
+    except BaseException:  # as TensorFlow's C++ does when Python it called fails: it prints, then fails its own way
+        traceback.print_exc()
+        sys.stderr.flush()
+        os.write(2, b"a half-written line from C")
+        raise SystemError("<built-in function __import__> returned a result with an exception set")
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_what_a_library_prints_as_a_signal_cuts_it_off_is_dropped(name):
+    """Seen on Python 3.13: SIGTERM inside an __import__ that TensorFlow's nest called from C++ printed a
+    SystemError's traceback above the stage's line."""
+    result = subprocess.run([sys.executable, "-c", PRINTED.replace("{name}", name)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    signum = getattr(signal, f"SIG{name}")
+    assert result.returncode == 128 + signum, result.stderr
+    assert result.stderr.splitlines() == [
+        "before the signal: this line passes",
+        f"error: interrupted by SIG{name}; nothing half-written was left (run it again to finish)"], result.stderr
+
+
 @pytest.mark.parametrize("name", ["INT", "TERM"])
 def test_a_signal_a_library_turns_into_its_own_error_is_still_the_signal(name):
     """Seen on Python 3.12: SIGINT while Keras traced its graph came out as a TypeError and a traceback."""
