@@ -152,3 +152,37 @@ def is_shape_or_classes(path, node):
     if node.value == 28:
         return True
     return bool(re.search(r"\b(digits?|classes|to_categorical|zeros\(\(10|range\(10\))", line))
+
+
+def jsonc(path):
+    """A JSON-with-comments file (devcontainer.json, VS Code's files): its // lines dropped, then parsed."""
+    import json
+
+    return json.loads("\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("//")))
+
+
+def test_the_dev_container_sets_up_as_the_readme_says():
+    """The README's "To work on the project" block, the dev container's set-up and CI's packages agree, and the
+    editor recommendations are the container's."""
+    import shlex
+
+    from tests.test_readme import blocks
+
+    readme = [block for kind, text, block in blocks(ROOT / "README.md")
+              if text and "test_the_dev_container_sets_up_as_the_readme_says" in text]
+    assert len(readme) == 1
+    steps = [shlex.split(step) for line in readme[0].splitlines() if line.strip() for step in line.split(" && ")]
+    container = jsonc(ROOT / ".devcontainer" / "devcontainer.json")
+    assert [shlex.split(step) for step in container["postCreateCommand"].split(" && ")] == steps
+    assert ["pip", "install", "-r", "requirements.txt"] in steps
+
+    def packages(words):  # what an `apt-get install` installs: the words after "install", less its options
+        return {word for word in words[words.index("install") + 1:] if not word.startswith(("-", ">"))}
+
+    wanted = packages(next(words for words in steps if words[:3] == ["sudo", "apt-get", "install"]))
+    ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")  # continued lines joined
+    ci_install = next(line for line in ci.splitlines() if "apt-get install" in line)
+    assert packages(ci_install.split("&&")[-1].split()) == wanted, ci_install
+    assert {"chromium", "openssh-server"} <= wanted
+    editor = jsonc(ROOT / ".vscode" / "extensions.json")["recommendations"]
+    assert editor == container["customizations"]["vscode"]["extensions"] and "Iterative.dvc" in editor
