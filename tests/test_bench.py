@@ -2,7 +2,6 @@
 
 import json
 import re
-import shlex
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 
 from mnist_cnn.params import validate
 from mnist_cnn.params import ModelParams, TrainParams
-from tests.conftest import DOCS, ROOT, tiny_params, write_params
+from tests.conftest import ROOT, tiny_params, write_params
 
 
 def load_speed():
@@ -36,16 +35,6 @@ def test_the_fast_preset_is_valid_params(tmp_path):
     assert train.optimizer == "adam" and train.lr_schedule == "cosine"
     model = validate(yaml.safe_load(params.read_text())["model"], ModelParams, "model")
     assert [block.filters for block in model.conv_blocks.values()] == [16, 32, 32] and model.batch_norm
-
-
-@pytest.mark.parametrize("name", ["fast", "accurate"])
-def test_the_readmes_preset_command_is_the_preset(name):
-    line = next(line for page in DOCS for line in page.read_text().splitlines()
-                if line.strip().startswith(f"dvc exp run -n {name} "))
-    words = shlex.split(line.strip())
-    pairs = [words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S"]
-    assert {k: yaml.safe_load(v) for k, v in pairs} == preset(name)
-    assert f"#   {line.strip()}" in (ROOT / f"params-{name}.yaml").read_text()  # the file's own comment says it too
 
 
 def fast_seed(seed, accuracies, epoch_s=4.0):

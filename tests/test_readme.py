@@ -124,13 +124,26 @@ def project(tmp_path_factory):
 @pytest.mark.long
 @pytest.mark.parametrize("block", ONE_LINE_EXPERIMENTS, ids=lambda b: b.split()[3].split("=")[0])
 def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
-    from tests.conftest import dvc
+    from tests.conftest import dvc, dvc_env
+    from tools import preset
+
     assert len(ONE_LINE_EXPERIMENTS) == 4
+
     try:
         for words in commands(block):
-            assert words[:3] == ["dvc", "exp", "run"], words
-            tiny_network_with_the_blocks_it_sets(project / "params.yaml", words)
-            dvc(project, *words[1:])
+            if words[:3] == ["python", "-m", "tools.preset"]:  # a preset: the tool runs dvc exp run, as for a user
+                name, options = words[3], words[4:]
+                shutil.copy(ROOT / f"params-{name}.yaml", project)
+                words = preset.command(name, preset.read_preset(ROOT, name), options)  # what the tool runs
+                tiny_network_with_the_blocks_it_sets(project / "params.yaml", words)
+                ran = subprocess.run([sys.executable, "-m", "tools.preset", name, *options], cwd=project,
+                                     env=dvc_env(project), capture_output=True, text=True, timeout=600)
+                assert ran.returncode == 0, ran.stderr
+                assert ran.stderr.startswith(f"preset {name}: {' '.join(words)}\n"), ran.stderr
+            else:
+                assert words[:3] == ["dvc", "exp", "run"], words
+                tiny_network_with_the_blocks_it_sets(project / "params.yaml", words)
+                dvc(project, *words[1:])
             params = yaml.safe_load((project / "params.yaml").read_text())
             for setting in [w for i, w in enumerate(words) if words[i - 1] == "-S"]:
                 key, value = setting.split("=", 1)
@@ -143,6 +156,8 @@ def test_the_readmes_one_line_experiments_run_in_a_tiny_project(project, block):
             subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
     finally:
         subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
+        for copied in project.glob("params-*.yaml"):
+            copied.unlink()
         dvc(project, "checkout", "-f")
 
 
