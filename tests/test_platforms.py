@@ -65,6 +65,7 @@ HISTORICAL = """
     dvc-task==0.40.2
     dvclive==3.49.1
     entrypoints==0.4.2
+    execnet==2.1.2
     filelock==4.3.1
     flatbuffers==25.12.19
     flatten-dict==0.5.0
@@ -132,6 +133,7 @@ HISTORICAL = """
     pygtrie==2.6.2
     pyparsing==3.3.3
     pytest==9.0.3
+    pytest-xdist==3.8.0
     pytest-timeout==2.4.0
     python-dateutil==2.9.0.post0
     python-dotenv==1.2.4

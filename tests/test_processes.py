@@ -1,6 +1,6 @@
 """train.processes: one model trained by several processes (mnist_cnn.processes), and the data feed they share
 (training.batches). The jobs of Slurm, Kubernetes and torchrun are simulated by their variables; the real runs
-start two processes on this host."""
+start two processes on this host, each a jax start-up and a fit: marked e2e, with the end-to-end tests."""
 
 import json
 import os
@@ -215,6 +215,7 @@ def run_stage(prepared, folder, timeout=600, **overrides):
 TWO_PROCESS_TOLERANCE = 1e-6
 
 
+@pytest.mark.e2e
 def test_two_processes_train_the_weights_one_process_trains(prepared, tmp_path):
     from mnist_cnn.backend import import_keras
 
@@ -242,6 +243,7 @@ def children_of(pid):
         return []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("victim", ["worker", "launcher"])
 def test_a_process_that_dies_ends_the_others_with_one_line_and_nothing_written(prepared, tmp_path, victim):
     proc, folder = run_stage(prepared, tmp_path / victim, **{"train.processes": 2, "train.epochs": 500})
@@ -273,6 +275,7 @@ def test_a_process_that_dies_ends_the_others_with_one_line_and_nothing_written(p
     assert not (folder / "cpu").exists() and not (folder / "live").exists() and not (folder / "d.json").exists()
 
 
+@pytest.mark.e2e
 def test_a_job_a_scheduler_started_trains_and_only_its_first_process_writes(prepared, tmp_path):
     """As `srun` would start them on one node: two processes of the stage's command, each told only its
     SLURM_PROCID, SLURM_NTASKS and the node list (no launcher here). The first writes every output; the other,
