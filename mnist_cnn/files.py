@@ -101,6 +101,33 @@ def atomic_path(final):
                 shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def copy_in_place(source, folder, pattern="**/*.tsv"):
+    """Copy the files of `source` matching `pattern` into `folder`, each written beside its final name and renamed
+    over it: a reader sees a file's last copy or the one before, never half of one. For what readers follow
+    while a stage runs (train's curves so far), outside its outputs."""
+    source, folder = Path(source), Path(folder)
+    for path in source.glob(pattern):
+        target = folder / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{target.name}")
+        shutil.copyfile(path, partial)
+        os.replace(partial, target)
+
+
+def clear_folder(folder, keep=(".gitignore",)):
+    """Remove what `folder` holds but the files named in `keep` (a git-ignored folder's own .gitignore)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def release_pages(array):
     """Drop a read-only memory-mapped array's pages from this process's resident memory (they stay in the
     kernel's page cache, and are mapped again if the array is touched). Train calls it after the fit, before

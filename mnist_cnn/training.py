@@ -405,11 +405,25 @@ class Fitted(typing.NamedTuple):
     fit_cpu_s: float    # CPU time of all the process's threads: a busy or throttled host does not inflate it
 
 
-def fit(keras, model, pixels, y, train, live, seed, rank=0, after_epoch=()):
+def live_copy_callback(keras, live, folder):
+    """After DVCLive has logged an epoch: its per-epoch files copied to `folder`, in place (files.copy_in_place),
+    where `dvc plots show` and DVC's VS Code extension follow a running train; the log itself is written in the
+    stage's temporary folder, renamed into place only at the end."""
+    from mnist_cnn.files import copy_in_place
+
+    class LiveCopy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            copy_in_place(live.dir, folder)
+
+    return LiveCopy()
+
+
+def fit(keras, model, pixels, y, train, live, seed, rank=0, after_epoch=(), live_copy=None):
     """Compile and fit on `pixels` (memory-mapped or not) read batch by batch, logging each epoch to `live`
     (None: no log, as in every process of a run but the first); a run that diverges or learns nothing raises
     Diverged. Every process of a multi-process run calls it alike: its collectives run in the same order.
-    `after_epoch`: more Keras callbacks (a benchmark's), run after the epoch's time is taken."""
+    `after_epoch`: more Keras callbacks (a benchmark's), run after the epoch's time is taken. `live_copy`: a
+    folder where the log's curves are copied after each epoch (live_copy_callback)."""
     compile_model(keras, model, train, len(pixels))
     n_fit = fit_size(len(pixels), train.validation_split)
     feed = dict(batch_size=train.batch_size, loss=train.loss, seed=seed, rank=rank, count=train.processes)
@@ -436,6 +450,8 @@ def fit(keras, model, pixels, y, train, live, seed, rank=0, after_epoch=()):
     if live is not None:
         live.step = 1  # DVCLive counts from 0; the log's steps are epochs, counted from 1 as people do
         callbacks.append(live_callback(keras, live))
+        if live_copy is not None:
+            callbacks.append(live_copy_callback(keras, live, live_copy))  # after DVCLive's: its files are written
     start, cpu_start = time.perf_counter(), time.process_time()
     # shuffle=False: the batches' order is the feed's own (epoch_order); Keras would shuffle their order again
     history = model.fit(data, epochs=train.epochs, verbose=progress_verbosity(sys.stdout) if rank == 0 else 0,

@@ -16,7 +16,10 @@ in, as evaluate reads it) and params.json (the params it was trained with).
 --metrics gets the fit time (what `dvc metrics show` shows), --details the
 device, timings and final metrics, and DVCLive one line per epoch, counted
 from 1, of loss, accuracy (and their validation twins when
-train.validation_split > 0), learning rate and epoch time.
+train.validation_split > 0), learning rate and epoch time; with
+--live-copy, that log's curves are also copied there after each epoch, for
+`dvc plots show` and DVC's VS Code extension to follow a running train (not
+an output: emptied when the run starts and once it has written its outputs).
 A run that diverges, learns nothing, or whose saved classifier answers
 otherwise than the network as trained is a failure: nothing is written.
 
@@ -36,7 +39,8 @@ import numpy as np
 
 from mnist_cnn.backend import on_gpu, placement, thread_env
 from mnist_cnn.errors import UserError
-from mnist_cnn.files import atomic_path, check_files, release_pages, to_json, write_json, write_manifest
+from mnist_cnn.files import (atomic_path, check_files, clear_folder, release_pages, to_json, write_json,
+                              write_manifest)
 from mnist_cnn.model import classifier, in_float32
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
                               train_params_for, values_per_image)
@@ -79,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file of the fit time")
     parser.add_argument("--details", type=Path, required=True, help="JSON file of the run's details")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder for the per-epoch log")
+    parser.add_argument("--live-copy", type=Path, help="folder for the curves so far, while the fit runs")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
     params = load_params(args.params, base=BaseParams, train=TrainParams)
@@ -124,11 +129,14 @@ def main(argv=None):
 
     from dvclive import Live
 
+    if args.live_copy:
+        clear_folder(args.live_copy)  # an earlier run's curves: this run's start with its first epoch
     with atomic_path(args.live) as live_dir:  # renamed into place last, once all else is written
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         with setup.in_parallel():
             fitted = classifier(keras, network, table)
-            result = fit(keras, augmented(keras, fitted, train.augment, base.seed), pixels, y, train, live, base.seed)
+            result = fit(keras, augmented(keras, fitted, train.augment, base.seed), pixels, y, train, live, base.seed,
+                         live_copy=args.live_copy)
         where = placement(network.weights[0])
         if on_gpu(where) != (args.device == "gpu"):
             raise UserError(f"asked to train on {args.device} but the weights live on {where}; "
@@ -158,6 +166,8 @@ def main(argv=None):
                              trained_with)
         write_json(args.details, details)
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
+    if args.live_copy:
+        clear_folder(args.live_copy)  # done: the run's record is --live, and report's curves
     if job is not None:
         finish_job()
     print(f"fit {result.fit_s:.1f} s on {setup.device_name} ({details['samples_per_s']:.0f} images/s), "

@@ -201,7 +201,8 @@ DRAWN = """Array.from(document.querySelectorAll('body > div[id]')).map(div => [
 def declared_plots(devices):
     """The page's chart ids for every plot dvc.yaml declares: DVC names a chart after its file."""
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    files = [next(iter(plot)) for plot in dvc_yaml["plots"]]
+    # but live/, the curves of a running train, empty once it is done
+    files = [next(iter(plot)) for plot in dvc_yaml["plots"] if next(iter(plot)) != "live"]
     files += [next(iter(plot)).replace("${item}", d) for d in devices
               for plot in dvc_yaml["stages"]["evaluate"]["do"]["plots"]]
     return {re.sub(r"[^A-Za-z0-9]", "_", f) for f in files}
@@ -355,3 +356,40 @@ def test_importing_a_stage_loads_no_heavy_library(stage):
     out = subprocess.run([sys.executable, "-c", f"import sys, stages.{stage}; print(*sorted(m for m in {HEAVY!r} "
                           "if m in sys.modules))"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     assert out.split() == []
+
+
+def test_dvc_plots_show_follows_a_running_train(project):
+    """train copies its curves to live/ after each epoch (dvc.yaml declares the folder as plots, not as an
+    output): `dvc plots show` draws them while the stage still runs; a finished run leaves the folder empty."""
+    import signal
+    import time
+
+    from mnist_cnn.files import clear_folder
+    from tests.conftest import set_dotted
+
+    live = project / "live"
+    assert not [path for path in live.rglob("*") if path.is_file() and path.name != ".gitignore"]  # the fixture's run
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    set_dotted(params, "train.epochs", 2000)  # long enough to be watched; stopped below
+    write_params(project / "params.yaml", params)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@cpu"], cwd=project, env=dvc_env(project),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        loss = live / "train_cpu" / "plots" / "metrics" / "train" / "loss.tsv"
+        deadline = time.monotonic() + 300
+        while not (loss.is_file() and len(loss.read_text().splitlines()) >= 2):  # a header and one epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        shown = dvc(project, "plots", "show", "--json")
+        assert proc.poll() is None  # still training
+        data = json.loads(shown.stdout)["data"]
+        curves = {name.rsplit("/", 1)[1] for name in data if name.startswith("live/train_cpu/")}
+        assert {"loss.tsv", "accuracy.tsv", "learning_rate.tsv", "epoch_time_s.tsv"} <= curves
+        points = data["live/train_cpu/plots/metrics/train/loss.tsv"][0]["content"]["data"]["values"]
+        assert points[0]["step"] == "1" and float(points[0]["loss"]) > 0 and points[0]["rev"] == "workspace"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
+        clear_folder(live)  # the stopped run's curves
+        dvc(project, "checkout", "-f")

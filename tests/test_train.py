@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,7 @@ def test_the_standardize_layer_gives_x_train_on_each_backend(prepared, backend):
 
 LEAN_IMPORT = """
 import sys
+from pathlib import Path
 from mnist_cnn.backend import KERAS_EXTRAS, import_keras
 import_keras(sys.argv[1], device="cpu")
 print(*sorted(name for name in KERAS_EXTRAS if name in sys.modules))
@@ -534,3 +536,35 @@ def test_release_pages_drops_a_mapped_arrays_pages_and_keeps_its_values(tmp_path
     refused._mmap = Refusing()
     release_pages(refused)
     assert int(refused[-1]) == data[-1]
+
+
+def test_the_curves_so_far_are_copied_after_each_epoch_and_gone_once_done(prepared, tmp_path, monkeypatch):
+    """--live-copy (dvc.yaml: live/train_<device>): after each epoch the DVCLive log's curves so far are there,
+    for `dvc plots show` to follow the run; an earlier run's are removed first, and the run's own once it is
+    done (its record is --live, renamed into place)."""
+    from mnist_cnn import files
+    from stages import train
+
+    copy = tmp_path / "live_copy"
+    (copy / "plots").mkdir(parents=True)
+    (copy / "plots" / "stale.tsv").write_text("step\tloss\n1\t9.9\n")  # an earlier, stopped run's
+    (copy / ".gitignore").write_text("*\n")
+    seen = []
+    real = files.copy_in_place
+
+    def watching(source, folder, *args, **kwargs):
+        real(source, folder, *args, **kwargs)
+        seen.append(sorted(path.relative_to(folder).as_posix() for path in Path(folder).rglob("*.tsv")))
+        seen[-1].append(len((Path(folder) / "plots/metrics/train/loss.tsv").read_text().splitlines()) - 1)
+
+    monkeypatch.setattr(files, "copy_in_place", watching)
+    params = write_params(tmp_path / "params.yaml", tiny_params(**{"train.epochs": 3}))
+    train.main(["--device", "cpu", "--data", str(prepared / "data"), "--init", str(prepared / "init"),
+                "--out", str(tmp_path / "cpu"), "--metrics", str(tmp_path / "m.json"), "--details",
+                str(tmp_path / "d.json"), "--live", str(tmp_path / "live"), "--live-copy", str(copy),
+                "--params", str(params)])
+    curves = [f"plots/metrics/train/{name}.tsv" for name in ("accuracy", "epoch_time_s", "learning_rate", "loss")]
+    assert seen == [curves + [1], curves + [2], curves + [3]]  # epoch by epoch, the stale run's gone
+    assert sorted(path.name for path in copy.iterdir()) == [".gitignore"]
+    record = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(record.read_text().splitlines()) == 4  # the run's own log, whole, where --live names it
