@@ -330,19 +330,24 @@ TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\
 
 SHOW_TF_LOGS = "MNIST_TF_LOGS"  # set to 1 to see every line
 
-# Written to the filter's pipe when a signal interrupts the stage: the filter drops every line after it
-# (see _raise_interrupted). Between control characters no library prints (NUL cannot pass in argv).
+# Written to the filter's pipe when a signal interrupts the stage: the filter holds every line after it
+# (see _raise_interrupted), and drops them once run() has handled the interruption (HANDLED_MARK, written as
+# QuietStderr stops), else passes them on at the end: a process that died on the way (an abort) keeps its
+# last words. Between control characters no library prints (NUL cannot pass in argv).
 MUTE_MARK = b"\x01mnist_cnn: interrupted\x01"
+HANDLED_MARK = b"\x01mnist_cnn: handled\x01"
 _quiet = {"on": False}  # whether fd 2 is QuietStderr's pipe now
 
 
 # The filter's own process: it reads the pipe to its end, whatever becomes of the stage (an abort, a crash),
-# so a fatal line is passed on; a write that fails (a closed terminal) drops the text and keeps reading, so
-# the stage never blocks on a full pipe.
+# so a fatal line is passed on (after a signal's mark, held until the end: dropped if run() handled the
+# interruption, else passed on, the last 200 lines); a write that fails (a closed terminal) drops the text
+# and keeps reading, so the stage never blocks on a full pipe.
 FILTER = """
-import os, re, sys
-noise, mark, out, pending = re.compile(sys.argv[1].encode("latin-1")), sys.argv[2].encode("latin-1"), \\
-    sys.stderr.buffer, b""
+import collections, os, re, sys
+noise, out, pending = re.compile(sys.argv[1].encode("latin-1")), sys.stderr.buffer, b""
+mute, handled = sys.argv[2].encode("latin-1"), sys.argv[3].encode("latin-1")
+state, held = "pass", collections.deque(maxlen=200)  # pass, then hold after the mute mark, drop once handled
 def say(text):
     try:
         out.write(text)
@@ -351,11 +356,19 @@ def say(text):
         pass
 while chunk := os.read(0, 65536):
     *lines, pending = (pending + chunk).split(b"\\n")
-    marked = [i for i, line in enumerate(lines) if mark in line]
-    say(b"".join(line + b"\\n" for line in lines[:marked[0] if marked else None] if not noise.match(line)))
-    if marked:  # from the mark on, every line drops (a thread's unfinished line before it too)
-        pending, noise = b"", re.compile(b"")
-if pending and not noise.match(pending):
+    for line in lines:
+        if handled in line:
+            state = "drop"  # run() has the interruption in hand and writes its own line
+        elif mute in line:
+            state = "hold" if state == "pass" else state
+        elif state == "hold":
+            held.append(line)
+        elif state == "pass" and not noise.match(line):
+            say(line + b"\\n")
+if state == "hold":  # the stage died before run() handled the interruption: its last words, as written
+    held.append(pending)
+    say(b"\\n".join(line for line in held if not noise.match(line)))
+elif state == "pass" and pending and not noise.match(pending):
     say(pending)
 """
 
@@ -381,7 +394,8 @@ class QuietStderr:
         read_end, write_end = os.pipe()
         try:
             self.filter = subprocess.Popen([sys.executable, "-S", "-c", FILTER, TF_NOISE.pattern.decode("latin-1"),
-                                            MUTE_MARK.decode("latin-1")], stdin=read_end)
+                                            MUTE_MARK.decode("latin-1"), HANDLED_MARK.decode("latin-1")],
+                                           stdin=read_end)
         finally:
             os.close(read_end)
         self.saved = os.dup(2)
@@ -399,6 +413,11 @@ class QuietStderr:
         if self.filter is None:
             return
         sys.stderr.flush()
+        if _held["raised"]:  # an interruption, unwound to here: what the filter held is dropped
+            try:
+                os.write(2, HANDLED_MARK + b"\n")
+            except OSError:
+                pass
         _quiet["on"] = False
         os.dup2(self.saved, 2)  # the pipe's last writer here closes: the filter reads to its end and exits
         os.close(self.saved)

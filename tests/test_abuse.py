@@ -396,7 +396,7 @@ def main():
     print("before the signal: this line passes", file=sys.stderr, flush=True)
     try:
         os.kill(os.getpid(), signal.SIG{name})
-        sum(range(10**6))  # the handler runs here, inside the library's call
+        sum(range(10**6))  # the handler has run by here, raising inside the library's try
     except BaseException:  # as TensorFlow's C++ does when Python it called fails: it prints, then fails its own way
         traceback.print_exc()
         sys.stderr.flush()
@@ -418,6 +418,30 @@ def test_what_a_library_prints_as_a_signal_cuts_it_off_is_dropped(name):
     assert result.stderr.splitlines() == [
         "before the signal: this line passes",
         f"error: interrupted by SIG{name}; nothing half-written was left (run it again to finish)"], result.stderr
+
+
+ABORTED = """
+import os, signal
+from mnist_cnn.stage import run
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10**6))
+    except BaseException:  # the interrupted code dies its own way before run() can handle the signal
+        os.write(2, b"F0000 00:00:1.5    42 check.cc:9] Check failed: the last words\\n")
+        os.abort()
+
+run(main)
+"""
+
+
+def test_a_stage_that_dies_after_a_signal_keeps_its_last_words():
+    """What is printed after a signal is held back, not lost: dropped once run() handles the interruption,
+    passed on when the process dies before it can."""
+    result = subprocess.run([sys.executable, "-c", ABORTED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGABRT
+    assert "Check failed: the last words" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("name", ["INT", "TERM"])
