@@ -110,22 +110,27 @@ def copy_in_place(source, folder, pattern="**/*.tsv"):
         target = folder / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{target.name}")
-        shutil.copyfile(path, partial)
-        os.replace(partial, target)
+        try:
+            shutil.copyfile(path, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)  # a copy cut short (a signal, a full disk) leaves no partial file
 
 
-def clear_folder(folder, keep=(".gitignore",)):
-    """Remove what `folder` holds but the files named in `keep` (a git-ignored folder's own .gitignore)."""
+def clear_copies(folder, pattern="*.tsv"):
+    """Remove the files matching `pattern` (and partial copies) under `folder`, and the folders they leave
+    empty: what copy_in_place wrote there, and nothing else, whatever folder it is given."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for path in folder.iterdir():
-        if path.name in keep:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
+    for path in [*folder.rglob(pattern), *folder.rglob(f"{TMP_PREFIX}*")]:
+        if path.is_file() or path.is_symlink():
             path.unlink(missing_ok=True)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def release_pages(array):

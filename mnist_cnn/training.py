@@ -412,8 +412,17 @@ def live_copy_callback(keras, live, folder):
     from mnist_cnn.files import copy_in_place
 
     class LiveCopy(keras.callbacks.Callback):
+        failed = False
+
         def on_epoch_end(self, epoch, logs=None):
-            copy_in_place(live.dir, folder)
+            if self.failed:
+                return
+            try:
+                copy_in_place(live.dir, folder)
+            except OSError as err:  # not an output: the run goes on without it, and says so once
+                self.failed = True
+                print(f"warning: cannot copy the curves so far to {folder} ({err.strerror or err}); training "
+                      f"goes on, its record in the stage's outputs as usual", file=sys.stderr)
 
     return LiveCopy()
 

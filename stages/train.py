@@ -39,7 +39,7 @@ import numpy as np
 
 from mnist_cnn.backend import on_gpu, placement, thread_env
 from mnist_cnn.errors import UserError
-from mnist_cnn.files import (atomic_path, check_files, clear_folder, release_pages, to_json, write_json,
+from mnist_cnn.files import (atomic_path, check_files, clear_copies, release_pages, to_json, write_json,
                               write_manifest)
 from mnist_cnn.model import classifier, in_float32
 from mnist_cnn.params import (PARAMS_FILE, BaseParams, TrainParams, check_batch_memory, check_train, load_params,
@@ -130,7 +130,7 @@ def main(argv=None):
     from dvclive import Live
 
     if args.live_copy:
-        clear_folder(args.live_copy)  # an earlier run's curves: this run's start with its first epoch
+        clear_copies(args.live_copy)  # an earlier run's curves: this run's start with its first epoch
     with atomic_path(args.live) as live_dir:  # renamed into place last, once all else is written
         live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         with setup.in_parallel():
@@ -167,7 +167,7 @@ def main(argv=None):
         write_json(args.details, details)
         write_json(args.metrics, {"fit_time_s": details["fit_time_s"]})
     if args.live_copy:
-        clear_folder(args.live_copy)  # done: the run's record is --live, and report's curves
+        clear_copies(args.live_copy)  # done: the run's record is --live, and report's curves
     if job is not None:
         finish_job()
     print(f"fit {result.fit_s:.1f} s on {setup.device_name} ({details['samples_per_s']:.0f} images/s), "

@@ -31,7 +31,7 @@ STAGES = {
     "preprocess": ["--raw", "data/raw", "--out", "data/processed"],
     "train": ["--device", "cpu", "--data", "data/processed", "--init", "models/init", "--out", "models/cpu",
               "--metrics", "metrics/train_cpu.json", "--details", "details/train_cpu.json",
-              "--live", "dvclive/train_cpu"],
+              "--live", "dvclive/train_cpu", "--live-copy", "live/train_cpu"],  # as dvc.yaml runs it
 }
 # Fractions of the uninterrupted run's duration, and "writing": as soon as the run's own temporary folder exists.
 MOMENTS = {"fetch": (0.2, 0.5, 0.8, "writing"), "preprocess": (0.3, 0.6, 0.9, "writing"), "train": (0.5, "writing")}

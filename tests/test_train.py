@@ -549,6 +549,7 @@ def test_the_curves_so_far_are_copied_after_each_epoch_and_gone_once_done(prepar
     (copy / "plots").mkdir(parents=True)
     (copy / "plots" / "stale.tsv").write_text("step\tloss\n1\t9.9\n")  # an earlier, stopped run's
     (copy / ".gitignore").write_text("*\n")
+    (copy / "notes.txt").write_text("not a copy: left alone")
     seen = []
     real = files.copy_in_place
 
@@ -565,6 +566,25 @@ def test_the_curves_so_far_are_copied_after_each_epoch_and_gone_once_done(prepar
                 "--params", str(params)])
     curves = [f"plots/metrics/train/{name}.tsv" for name in ("accuracy", "epoch_time_s", "learning_rate", "loss")]
     assert seen == [curves + [1], curves + [2], curves + [3]]  # epoch by epoch, the stale run's gone
-    assert sorted(path.name for path in copy.iterdir()) == [".gitignore"]
+    assert sorted(path.name for path in copy.iterdir()) == [".gitignore", "notes.txt"]
     record = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
     assert len(record.read_text().splitlines()) == 4  # the run's own log, whole, where --live names it
+
+
+def test_curves_that_cannot_be_copied_are_a_warning_and_the_run_goes_on(prepared, tmp_path, monkeypatch, capsys):
+    """The copy is no output: a full disk (say) under it is said once, and the run writes its outputs."""
+    from mnist_cnn import files
+    from stages import train
+
+    def full(source, folder, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "copy_in_place", full)
+    params = write_params(tmp_path / "params.yaml", tiny_params(**{"train.epochs": 2}))
+    train.main(["--device", "cpu", "--data", str(prepared / "data"), "--init", str(prepared / "init"),
+                "--out", str(tmp_path / "cpu"), "--metrics", str(tmp_path / "m.json"), "--details",
+                str(tmp_path / "d.json"), "--live", str(tmp_path / "live"), "--live-copy", str(tmp_path / "copy"),
+                "--params", str(params)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot copy the curves" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert (tmp_path / "cpu" / "classifier.keras").is_file() and (tmp_path / "m.json").is_file()
