@@ -8,15 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from ruamel.yaml import YAML
 
 from tests.conftest import DOCS, ROOT
 from tools import preset
 
 
-def dvc_reads(text):
-    """A -S value as DVC parses it (YAML 1.2, ruamel's safe loader)."""
-    return YAML(typ="safe").load(text)
+def dvc_reads(setting):
+    """A -S key=value as DVC parses it: Hydra's override grammar (dvc/utils/hydra.py); a sweep is refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_overrides([setting])[0]
+    assert not override.is_sweep_override(), setting
+    return override.key_or_group, override.value()
 
 
 @pytest.mark.parametrize("name", ["fast", "accurate"])
@@ -24,12 +27,18 @@ def test_a_presets_command_sets_every_key_of_its_file_and_nothing_else(name):
     settings = preset.read_preset(ROOT, name)
     words = preset.command(name, settings, [])
     assert words[:5] == ["dvc", "exp", "run", "-n", name]
-    pairs = [words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-S"]
-    assert {key: dvc_reads(value) for key, value in pairs} == settings
+    pairs = [dvc_reads(words[i + 1]) for i, word in enumerate(words) if word == "-S"]
+    assert dict(pairs) == settings
     assert len(pairs) == len(settings) and len(words) == 5 + 2 * len(settings)
     # the docs run each preset with the tool, in one short line
     assert any(line.startswith(f"python -m tools.preset {name}") for page in DOCS
                for line in page.read_text().splitlines())
+
+
+@pytest.mark.parametrize("value", ["cosine", "a,b", "true", "10", "null", "with space", "it's", "x=y", "[1]", ""])
+def test_a_string_comes_back_to_dvc_as_the_same_string(value):
+    """`-S` is Hydra's grammar: `a,b` would be a sweep, `true` a boolean; the preset's string stays a string."""
+    assert dvc_reads(f"train.lr_schedule={preset.value_text(value)}") == ("train.lr_schedule", value)
 
 
 def test_options_after_the_name_go_to_dvc_and_a_name_of_their_own_replaces_the_presets():

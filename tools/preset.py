@@ -15,6 +15,7 @@ tool over DVC (Hydra's composition would do this too, but rewrites params.yaml o
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -74,8 +75,20 @@ def check_valid(params, source):
 
 
 def value_text(value):
-    """A value as `-S key=value` writes it, which DVC parses as YAML: true, 0.004, 16, cosine."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value as `-S key=value` writes it: true, 0.004, 16, cosine. DVC parses it with Hydra's override
+    grammar, in which `a,b` is a sweep and `true` a boolean: a string that would not come back as itself is
+    quoted ("a,b", "true")."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_overrides([f"key={value}"])[0]
+        if not override.is_sweep_override() and override.value() == value:
+            return value
+    except Exception:  # noqa: BLE001 - Hydra's parse error: quoted below
+        pass
+    return json.dumps(value)
 
 
 def command(name, settings, options):
@@ -99,9 +112,9 @@ def main(argv=None):
     check_valid(applied(read_yaml(root / PARAMS_FILE), settings, source), source)
     words = command(args.name, settings, options)
     if args.print:
-        print(" ".join(words))
+        print(shlex.join(words))
         return None
-    print(f"preset {args.name}: {' '.join(words)}", file=sys.stderr, flush=True)
+    print(f"preset {args.name}: {shlex.join(words)}", file=sys.stderr, flush=True)
     return words
 
 
