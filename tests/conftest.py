@@ -203,8 +203,9 @@ def run_train(prepared, tmp_path, device="cpu", **overrides):
 
 # --- a DVC copy of the project, as a user runs it (the end-to-end tests share it) ---
 
-PROJECT_FILES = [
-    "stages", "mnist_cnn", "tools", "dvc.yaml", "data/sample", ".dvcignore", "templates", "live/.gitignore"]
+PROJECT_FILES = [  # .gitignore: the folders tools write (change-report/), as in a clone
+    "stages", "mnist_cnn", "tools", "dvc.yaml", "data/sample", ".dvcignore", ".gitignore", "templates",
+    "live/.gitignore"]
 
 
 ALL_CPU_STAGES = {"fetch", "preprocess", "build_init_weights", "train@cpu", "evaluate@cpu", "report"}

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from mnist_cnn.errors import UserError
-from tools.sweep import experiments_of, grid_name, host_of, override, reason, share
+from mnist_cnn.dvc_commands import reason
+from tools.sweep import experiments_of, grid_name, host_of, override, share
 
 
 def test_the_experiments_are_the_listed_then_the_grids_in_the_files_order():

@@ -274,6 +274,7 @@ def test_the_readmes_experiments_section_runs_as_written(project):
         assert re.search(r"train\.epochs\s+1\s+3", by_command["dvc params diff"])
         overlay = plots_data(project / "dvc_plots" / "index.html", "reports_curves_loss_csv")
         assert {row["rev"] for row in overlay} == {"HEAD", "epochs3"}  # both runs' curves in one chart
+        check_change_report(project, by_command["python -m tools.compare"])
         table = by_command["python -m tools.experiments"].splitlines()
         assert max(map(len, table)) <= 120, "\n".join(table)
         header = re.split(r"\s{2,}", table[0])
@@ -301,6 +302,29 @@ def test_the_readmes_experiments_section_runs_as_written(project):
         subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
         dvc(project, "exp", "remove", "--all-commits")
         dvc(project, "repro")
+
+
+def check_change_report(project, printed):
+    """tools.compare's report of epochs3 against HEAD: both sides' numbers as their metrics files hold them, the
+    changed param, each side's provenance from DVC's cache, and every chart and picture it links to drawn."""
+    report = (project / "change-report" / "report.md").read_text()
+    assert printed.startswith("wrote change-report/report.md: 1 param(s) differ"), printed
+    assert "| train.epochs | 1 | 3 |" in report
+    committed = json.loads(subprocess.run(["git", "show", "HEAD:metrics/evaluate_cpu.json"], cwd=project,
+                                          capture_output=True, text=True, check=True).stdout)
+    experiment = json.loads((project / "metrics" / "evaluate_cpu.json").read_text())  # epochs3's, just run
+    accuracy = next(line for line in report.splitlines() if "| test.accuracy |" in line)
+    assert [cell.strip() for cell in accuracy.split("|")[3:5]] == [
+        f"{committed['test']['accuracy']:.5g}", f"{experiment['test']['accuracy']:.5g}"], accuracy
+    code = next(line for line in report.splitlines() if line.startswith("| code |"))
+    assert "experiment epochs3, from" in code
+    cpu = next(line for line in report.splitlines() if line.startswith("| train@cpu |"))
+    assert cpu.count("/physical_device:CPU:0 on ") == 2 and "not here" not in report  # both from DVC's cache
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"loss.png", "accuracy.png", "predictions_cpu.png", "HEAD_mistakes_cpu.png",
+            "epochs3_mistakes_cpu.png"} <= set(links), links
+    for link in links:
+        assert (project / "change-report" / link).read_bytes().startswith(b"\x89PNG"), link
 
 
 def plots_data(page_file, chart):

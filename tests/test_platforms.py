@@ -26,6 +26,7 @@ HISTORICAL = """
     aiohttp==3.14.5
     aiohttp-retry==2.9.1
     aiosignal==1.4.0
+    alembic==1.20.1
     amqp==5.4.2
     annotated-types==0.8.0
     antlr4-python3-runtime==4.9.3
@@ -46,6 +47,7 @@ HISTORICAL = """
     click-repl==0.4.1
     cloudpickle==3.1.3
     colorama==0.4.6
+    colorlog==6.12.0
     configobj==5.0.9
     contourpy==1.3.3
     cryptography==50.0.2
@@ -97,7 +99,9 @@ HISTORICAL = """
     kombu==5.7.0
     lazy-loader==0.6
     libclang==18.1.1
+    Mako==1.4.3
     markdown-it-py==4.3.0
+    MarkupSafe==3.0.4
     matplotlib==3.11.2
     mdurl==0.1.2
     ml_dtypes==0.6.0
@@ -112,6 +116,7 @@ HISTORICAL = """
     onnxruntime==1.32.0
     opt_einsum==3.4.0
     optree==0.20.0
+    optuna==5.1.0
     orjson==3.13.0
     packaging==26.4
     pathspec==1.1.1
@@ -152,6 +157,7 @@ HISTORICAL = """
     six==1.17.0
     smmap==5.0.3
     sortedcontainers==2.4.0
+    SQLAlchemy==2.1.9
     sqltrie==0.11.3
     sshfs==2026.8.0
     tabulate==0.10.0
@@ -167,6 +173,7 @@ HISTORICAL = """
     tzlocal==5.4.5
     urllib3==2.8.0
     vine==5.1.0
+    vl-convert-python==1.9.0.post1
     voluptuous==0.16.0
     wcwidth==0.9.4
     wrapt==2.5.2

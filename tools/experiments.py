@@ -21,10 +21,9 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
+from mnist_cnn.dvc_commands import dvc_json
 from mnist_cnn.errors import UserError
 from mnist_cnn.stage import run
 
@@ -199,14 +198,6 @@ def table(rows, markdown=False, width=120):
         if r["reason"]:
             out += under(r["reason"])
     return "\n".join(out)
-
-
-def dvc_json(*args):
-    """The JSON a `dvc ... --json` command prints, or a UserError with DVC's message."""
-    shown = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise UserError(f"`dvc {' '.join(args)} --json` failed: {' '.join(shown.stderr.split()) or 'no message'}")
-    return json.loads(shown.stdout)
 
 
 def main(argv=None):

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from mnist_cnn.dvc_commands import dvc, reason, run_shown
 from mnist_cnn.errors import UserError
 from mnist_cnn.params import read_yaml
 from mnist_cnn.stage import run
@@ -125,33 +126,6 @@ def host_of(args, environ):
 def share(experiments, index, count):
     """Host `index` of `count`'s experiments: every count-th from its index (round robin: shares within one)."""
     return experiments[index::count]
-
-
-def dvc(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise UserError(f"`dvc {' '.join(args)}` failed: {reason(result.stderr + result.stdout)}")
-    return result
-
-
-def reason(output):
-    """The line that says why a run failed: a stage's own `error:` line, else DVC's last ERROR line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("error:")]
-    theirs = [line for line in lines if line.startswith("ERROR")]
-    return (ours or theirs or lines or ["no output"])[-1]
-
-
-def run_shown(*args):
-    """`dvc args`, its output shown as it comes; (exit status, the output)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    seen = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        seen.append(line)
-        del seen[:-200]
-    return proc.wait(), "".join(seen)
 
 
 def names_on(remote=None):
