@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 from mnist_cnn.backend import cpu_features, cpu_model, has_bfloat16_units
+from mnist_cnn.errors import UserError
+from mnist_cnn.params import with_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ["stages", "mnist_cnn", "tools", "bench", "data/sample", "templates", "dvc.yaml", "params.yaml",
@@ -133,15 +135,10 @@ def make_project(work):
 
 def set_params(path, overrides):
     """Write params.yaml with dotted-key overrides applied."""
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        if last not in node:
-            sys.exit(f"bench: {dotted} is not a key of params.yaml")
-        node[last] = value
+    try:
+        params = with_settings(yaml.safe_load(path.read_text()), overrides, "bench")
+    except UserError as err:
+        sys.exit(f"bench: {err}")
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -1,8 +1,9 @@
-"""DVC's command line as the tools drive it (`python -m dvc`, this interpreter's DVC): run, read its JSON, say
-why it failed. Not imported by any stage: a stage is what DVC runs, never what runs DVC.
-"""
+"""DVC's command line as the tools drive it (`python -m dvc`, this interpreter's DVC): run it, read its JSON,
+say why it failed; a value as `-S key=value` writes it; the git work tree an experiment runs in. Not imported
+by any stage: a stage is what DVC runs, never what runs DVC."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -44,3 +45,39 @@ def run_shown(*args):
         seen.append(line)
         del seen[:-200]
     return proc.wait(), "".join(seen)
+
+
+def value_text(value):
+    """A value as `-S key=value` writes it: true, 0.004, 16, cosine. DVC parses it with Hydra's override
+    grammar, in which `a,b` is a sweep and `true` a boolean: a string that would not come back as itself is
+    quoted ("a,b", "true")."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_overrides([f"key={value}"])[0]
+        if not override.is_sweep_override() and override.value() == value:
+            return value
+    except Exception:  # noqa: BLE001 - Hydra's parse error: quoted below
+        pass
+    return json.dumps(value)
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def is_ref_name(name):
+    """A name git takes as a ref's last part: NAME's characters, no '..', not ending in '.' or '.lock'."""
+    return bool(NAME.match(name)) and ".." not in name and not name.endswith((".", ".lock"))
+
+
+def changed_files():
+    """The files git tracks that differ from the commit (None where this is not a git work tree)."""
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return None if result.returncode else [line[3:] for line in result.stdout.splitlines()]
+
+
+def back_to_the_commit():
+    """The files git tracks as the commit has them: an experiment run in the workspace leaves its own."""
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], check=True)

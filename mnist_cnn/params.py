@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from mnist_cnn import IMAGE_SHAPE, N_CLASSES
-from mnist_cnn.errors import UserError, shown
+from mnist_cnn.errors import UserError, printable, shown
 
 
 PARAMS_FILE = "params.yaml"
@@ -386,6 +386,49 @@ def load_params(path, **schemas):
     if unknown:
         raise UserError(f"{path}: unknown section {shown(unknown[0])}; allowed: {', '.join(SECTIONS)}")
     return {name: validate(raw.get(name), schema, name, path) for name, schema in schemas.items()}
+
+
+SCHEMAS = {"base": BaseParams, "fetch": FetchParams, "preprocess": PreprocessParams, "model": ModelParams,
+           "train": TrainParams, "evaluate": EvaluateParams}
+
+
+def check_sections(params, path=PARAMS_FILE):
+    """Every section of a params tree against its schema, as the stages will read them (a UserError naming the
+    first wrong key); for a tree made from params.yaml by a preset or a search before anything runs."""
+    for name, schema in SCHEMAS.items():
+        validate(params.get(name), schema, name, path=path)
+
+
+# --- dotted keys, as `dvc exp run -S train.epochs=3` names them ---
+
+
+def dotted_get(params, dotted):
+    """params["train"]["epochs"] for "train.epochs"; a KeyError where the key is not there."""
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def with_settings(params, settings, source):
+    """A copy of params (params.yaml's tree) with each dotted key of `settings` set. A key that is not there is
+    refused, naming `source`: tools set the keys params.yaml has, never add one (the stages would refuse it
+    later, after a run had started)."""
+    import copy
+
+    params = copy.deepcopy(params)
+    for dotted, value in settings.items():
+        *parents, last = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise UserError(f"{source}: {printable(dotted)} is not a key of {PARAMS_FILE}; set only keys that are "
+                            f"there (fix the key, or add it to {PARAMS_FILE})")
+        node[last] = value
+    return params
 
 
 def read_yaml(path):

@@ -37,11 +37,12 @@ def _interrupt(signum, frame):
 
 
 def _raise_interrupted(signum):
-    """Raise Interrupted, first telling stderr's filter (QuietStderr) to drop what follows: the exception lands
+    """Raise Interrupted, first telling stderr's filter (QuietStderr) to hold what follows: the exception lands
     wherever the main thread is, inside a library's C code too, and what that code prints as it is cut off
     is not the run's story (seen on Python 3.13: TensorFlow's nest, interrupted inside an __import__ called
-    from C++, printed "SystemError: ... returned a result with an exception set" and its traceback).
-    run() writes the one line that is, once fd 2 is the real stderr again."""
+    from C++, printed "SystemError: ... returned a result with an exception set" and its traceback). Once
+    run() has handled the interruption the held lines are dropped and it writes the one line that is, on the
+    real stderr; if the process dies first (an abort), the filter prints them, so a fatal line is never lost."""
     _held["raised"] = signum
     if _quiet["on"]:
         try:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import DOCS, ROOT
+from mnist_cnn.dvc_commands import value_text
 from tools import preset
 
 
@@ -38,7 +39,7 @@ def test_a_presets_command_sets_every_key_of_its_file_and_nothing_else(name):
 @pytest.mark.parametrize("value", ["cosine", "a,b", "true", "10", "null", "with space", "it's", "x=y", "[1]", ""])
 def test_a_string_comes_back_to_dvc_as_the_same_string(value):
     """`-S` is Hydra's grammar: `a,b` would be a sweep, `true` a boolean; the preset's string stays a string."""
-    assert dvc_reads(f"train.lr_schedule={preset.value_text(value)}") == ("train.lr_schedule", value)
+    assert dvc_reads(f"train.lr_schedule={value_text(value)}") == ("train.lr_schedule", value)
 
 
 def test_options_after_the_name_go_to_dvc_and_a_name_of_their_own_replaces_the_presets():

@@ -13,21 +13,16 @@ tool over DVC (Hydra's composition would do this too, but rewrites params.yaml o
 """
 
 import argparse
-import json
 import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 
+from mnist_cnn.dvc_commands import value_text
 from mnist_cnn.errors import UserError, printable
-from mnist_cnn.params import (PARAMS_FILE, BaseParams, EvaluateParams, FetchParams, ModelParams, PreprocessParams,
-                              TrainParams, read_yaml, validate)
+from mnist_cnn.params import PARAMS_FILE, check_sections, read_yaml, with_settings
 from mnist_cnn.stage import run
-
-SCHEMAS = {"base": BaseParams, "fetch": FetchParams, "preprocess": PreprocessParams, "model": ModelParams,
-           "train": TrainParams, "evaluate": EvaluateParams}
-
 
 def preset_file(root, name):
     return root / f"params-{name}.yaml"
@@ -51,46 +46,6 @@ def read_preset(root, name):
     return settings
 
 
-def applied(params, settings, source):
-    """params (params.yaml's tree) with each dotted key of settings set; a key that is not there is refused."""
-    import copy
-
-    params = copy.deepcopy(params)
-    for dotted, value in settings.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
-            raise UserError(f"{source}: {printable(dotted)} is not a key of {PARAMS_FILE}; "
-                            f"a preset sets keys that are there (fix the key, or add it to {PARAMS_FILE})")
-        node[last] = value
-    return params
-
-
-def check_valid(params, source):
-    """Each section of the preset's params against its schema, as the stages will read them."""
-    for name, schema in SCHEMAS.items():
-        validate(params.get(name), schema, name, path=f"{PARAMS_FILE} with {source}")
-
-
-def value_text(value):
-    """A value as `-S key=value` writes it: true, 0.004, 16, cosine. DVC parses it with Hydra's override
-    grammar, in which `a,b` is a sweep and `true` a boolean: a string that would not come back as itself is
-    quoted ("a,b", "true")."""
-    if not isinstance(value, str):
-        return json.dumps(value)
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        override = OverridesParser.create().parse_overrides([f"key={value}"])[0]
-        if not override.is_sweep_override() and override.value() == value:
-            return value
-    except Exception:  # noqa: BLE001 - Hydra's parse error: quoted below
-        pass
-    return json.dumps(value)
-
-
 def command(name, settings, options):
     """`dvc exp run` of the preset: named after it unless the options name the experiment themselves."""
     named = any(option in ("-n", "--name") or option.startswith("--name=") for option in options)
@@ -109,7 +64,7 @@ def main(argv=None):
     root = Path.cwd()
     settings = read_preset(root, args.name)
     source = preset_file(root, args.name).name
-    check_valid(applied(read_yaml(root / PARAMS_FILE), settings, source), source)
+    check_sections(with_settings(read_yaml(root / PARAMS_FILE), settings, source), f"{PARAMS_FILE} with {source}")
     words = command(args.name, settings, options)
     if args.print:
         print(shlex.join(words))

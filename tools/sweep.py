@@ -30,30 +30,20 @@ Exits 1 when an experiment failed (the others still run), with one line per fail
 
 import argparse
 import itertools
-import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mnist_cnn.dvc_commands import dvc, reason, run_shown
+from mnist_cnn.dvc_commands import back_to_the_commit, changed_files, dvc, is_ref_name, reason, run_shown, value_text
 from mnist_cnn.errors import UserError
 from mnist_cnn.params import read_yaml
 from mnist_cnn.stage import run
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def is_ref_name(name):
-    """A name git takes as a ref's last part: NAME's characters, no '..', not ending in '.' or '.lock'."""
-    return bool(NAME.match(name)) and ".." not in name and not name.endswith((".", ".lock"))
-
-
 def override(key, value):
-    """`-S key=value` as DVC reads it (YAML): a string as it is, anything else as JSON (null, true, [a, b])."""
-    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+    """`-S key=value` as DVC reads it (Hydra's grammar): see value_text."""
+    return f"{key}={value_text(value)}"
 
 
 def grid_name(combination):
@@ -131,16 +121,6 @@ def share(experiments, index, count):
 def names_on(remote=None):
     """The experiments of this commit, on the git remote `remote` (None: here)."""
     return set(dvc("exp", "list", *([remote] if remote else []), "--name-only").stdout.split())
-
-
-def changed_files():
-    """The files git tracks that differ from the commit (None where this is not a git work tree)."""
-    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return None if result.returncode else [line[3:] for line in result.stdout.splitlines()]
-
-
-def back_to_the_commit():
-    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], check=True)
 
 
 def main(argv=None):
