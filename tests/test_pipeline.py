@@ -420,3 +420,70 @@ def test_dvc_plots_show_follows_a_running_train(project):
         subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=project, check=True)
         clear_copies(live)  # the stopped run's curves
         dvc(project, "checkout", "-f")
+
+
+@pytest.mark.long
+def test_a_search_picks_trials_runs_each_as_an_experiment_and_resumes_after_a_kill(project):
+    """tools.search on the sample with the tiny network: 4 trials of the learning rate, chosen on validation.
+    The search is killed (SIGKILL, itself and the `dvc exp run` under it, as a scheduler or a lost node would)
+    while its second trial trains; run again, it runs that trial's params again, then the rest: 4 trials in all,
+    each a DVC experiment holding its own learning rate and metrics; the workspace is the commit's again."""
+    import signal
+    import time
+
+    spec = {"study": "t", "n_trials": 4, "startup_trials": 2, "seed": 1,
+            "objective": {"metric": "details/train_cpu.json:final_val_loss", "direction": "minimize"},
+            "fixed": {"train.validation_split": 0.2}, "space": {"train.learning_rate": {"low": 0.0005, "high": 0.01,
+                                                                                          "log": True}}}
+    (project / "t.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "tools.search", "t.yaml"]
+    log = project / "search.log"
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, cwd=project, env=dvc_env(project), stdout=out, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+            deadline = time.monotonic() + 400
+            while not re.search(r"^t-0: .*\n(.*\n)*.*train@cpu", log.read_text(), re.MULTILINE):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(3)  # in t-1's train stage
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        first = log.read_text()
+        assert "t-1:" not in first.split("t-0: ", 1)[1].split("\n", 1)[1], first  # t-1 had not finished
+
+        again = subprocess.run(command, cwd=project, env=dvc_env(project), capture_output=True, text=True,
+                               timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+        assert "t-1: cut short by the last search; runs again" in again.stdout
+        assert "study t: 1 of 4 trials done" in again.stdout
+        rates = {row["name"]: row for row in experiments(project)}
+        assert set(rates) == {"t-0", "t-2", "t-3", "t-4"}, rates  # t-1 was cut short: no experiment of it
+        committed = yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"]
+        assert rates["t-0"]["learning_rate"] == committed  # the baseline: params.yaml's own rate
+        assert len({row["learning_rate"] for row in rates.values()}) == 4
+        assert all(0.0005 <= row["learning_rate"] <= 0.01 and row["validation_split"] == 0.2 and row["accuracy"] > 0
+                   for row in rates.values()), rates
+        assert re.search(r"^best: t-\d; `dvc exp apply t-\d`", again.stdout, re.MULTILINE)
+        assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project,
+                              capture_output=True, text=True).stdout == ""
+    finally:
+        subprocess.run(["git", "checkout", "--", "."], cwd=project, check=True)
+        dvc(project, "exp", "remove", "--all-commits", check=False)
+        shutil.rmtree(project / ".search", ignore_errors=True)
+        dvc(project, "checkout", "-f")
+
+
+def experiments(project):
+    """[{name, learning_rate, validation_split, accuracy}] of the experiments `dvc exp show` lists."""
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    rows = []
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                train = data["params"]["params.yaml"]["data"]["train"]
+                accuracy = data["metrics"]["metrics/evaluate_cpu.json"]["data"]["test"]["accuracy"]
+                rows.append({"name": rev.get("name") or exp.get("name"), "learning_rate": train["learning_rate"],
+                             "validation_split": train["validation_split"], "accuracy": accuracy})
+    return rows

@@ -1,0 +1,165 @@
+"""tools.search: the search file checked before anything runs; trials run as `dvc exp run -n <study>-<n>` from
+the commit (DVC replaced here by a stand-in that writes what a run writes); the baseline first; failures counted
+and named; a search cut short resumes from its journal. The real thing, with DVC and training on tiny data, is
+test_search_e2e in tests/test_pipeline.py."""
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mnist_cnn.errors import UserError
+from tools import search
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH = {"study": "lr", "n_trials": 5, "startup_trials": 2, "seed": 0,
+          "objective": {"metric": "details/train_cpu.json:final_val_loss", "direction": "minimize"},
+          "fixed": {"train.validation_split": 0.1, "train.epochs": 2},
+          "space": {"train.learning_rate": {"low": 0.0002, "high": 0.01, "log": True}}}
+
+
+def git(folder, *args):
+    return subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def clone(tmp_path, monkeypatch):
+    """A git clone of the project's params and a dvc.lock whose git-tracked output is metrics/; runs in it."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train@cpu": {"outs": [
+        {"path": "metrics/train_cpu.json", "md5": "0" * 32}, {"path": "details/train_cpu.json", "md5": "1" * 32}]}}}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train_cpu.json").write_text("{}")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "committed run")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_search(folder, **changes):
+    spec = {**SEARCH, **changes}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return [str(folder / "search.yaml")]
+
+
+class FakeDvc:
+    """`dvc exp run -n NAME -S k=v ...` as DVC does it to the workspace: params.yaml gets the values, the trial's
+    outputs are written; the validation loss is least at learning rate 0.002. fail_at: names that fail."""
+
+    def __init__(self, fail_at=(), kill_at=None):
+        self.calls, self.fail_at, self.kill_at = [], set(fail_at), kill_at
+
+    def __call__(self, *args):
+        assert args[:3] == ("exp", "run", "-n")
+        name = args[3]
+        sets = dict(word.split("=", 1) for word in args[5::2])
+        self.calls.append((name, sets))
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        for key, value in sets.items():
+            section, leaf = key.split(".")
+            params[section][leaf] = yaml.safe_load(value)
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        Path("metrics/train_cpu.json").write_text(json.dumps({"fit_time_s": 1.0}))
+        if name == self.kill_at:
+            raise KeyboardInterrupt  # the search is killed mid-trial: nothing told to Optuna
+        if name in self.fail_at:
+            return 1, "Running stage 'train@cpu'\nerror: train: the loss diverged at epoch 1\nERROR: failed\n"
+        lr = float(sets["train.learning_rate"])
+        Path("details").mkdir(exist_ok=True)
+        Path("details/train_cpu.json").write_text(json.dumps({"final_val_loss": 0.03 + (math.log10(lr / 0.002)) ** 2}))
+        return 0, "ok\n"
+
+
+def study(folder, name="lr"):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(folder / ".search" / f"{name}.jsonl")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_the_baseline_runs_first_then_trials_until_n_trials_each_an_experiment_from_the_commit(clone, monkeypatch,
+                                                                                                capsys):
+    fake = FakeDvc()
+    monkeypatch.setattr(search, "run_shown", fake)
+    search.main(write_search(clone))
+    names = [name for name, _ in fake.calls]
+    assert names == ["lr-0", "lr-1", "lr-2", "lr-3", "lr-4"]
+    assert fake.calls[0][1] == {"train.validation_split": "0.1", "train.epochs": "2", "train.learning_rate": "0.001"}
+    assert all(0.0002 <= float(sets["train.learning_rate"]) <= 0.01 for _, sets in fake.calls)
+    assert len({sets["train.learning_rate"] for _, sets in fake.calls}) == 5
+    assert git(clone, "status", "--porcelain", "--untracked-files=no") == ""  # the commit's params are back
+    trials = study(clone).trials
+    assert [t.user_attrs["experiment"] for t in trials] == names and trials[0].user_attrs["baseline"]
+    out = capsys.readouterr().out
+    best = min(trials, key=lambda t: t.value)
+    assert f"best: {best.user_attrs['experiment']}; `dvc exp apply {best.user_attrs['experiment']}`" in out
+    assert "(params.yaml's)" in out
+
+
+def test_a_failed_trial_counts_is_named_and_the_search_goes_on(clone, monkeypatch):
+    fake = FakeDvc(fail_at={"lr-1"})
+    monkeypatch.setattr(search, "run_shown", fake)
+    with pytest.raises(SystemExit) as ended:
+        search.main(write_search(clone, n_trials=3))
+    assert str(ended.value) == "error: lr-1: train: the loss diverged at epoch 1"
+    assert [name for name, _ in fake.calls] == ["lr-0", "lr-1", "lr-2"]
+    states = [t.state for t in study(clone).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                      optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_search_cut_short_resumes_running_the_cut_trial_again_first(clone, monkeypatch, capsys):
+    fake = FakeDvc(kill_at="lr-2")
+    monkeypatch.setattr(search, "run_shown", fake)
+    with pytest.raises(KeyboardInterrupt):
+        search.main(write_search(clone, n_trials=4))
+    cut = fake.calls[-1][1]
+    assert git(clone, "status", "--porcelain", "--untracked-files=no") != ""  # the cut trial's params.yaml
+
+    again = FakeDvc()
+    monkeypatch.setattr(search, "run_shown", again)
+    search.main(write_search(clone, n_trials=4))
+    assert [name for name, _ in again.calls] == ["lr-3", "lr-4"]
+    assert again.calls[0][1] == cut  # the cut trial's params, first
+    assert "lr-2: cut short by the last search; runs again" in capsys.readouterr().out
+    trials = study(clone).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[3].user_attrs["rerun_of"] == 2 and len(search.counted(trials)) == 4
+
+    search.main(write_search(clone, n_trials=4))  # done: nothing more runs
+    assert len(again.calls) == 2
+
+
+def test_other_changes_to_the_clone_stop_it_before_anything_runs(clone, monkeypatch):
+    monkeypatch.setattr(search, "run_shown", FakeDvc())
+    (clone / "params.yaml").write_text((clone / "params.yaml").read_text() + "\n# mine\n")
+    Path(clone / "notes.txt").write_text("untracked: not in the way")
+    git(clone, "add", "notes.txt")
+    with pytest.raises(UserError, match=r"^2 file\(s\) differ from the commit \(notes.txt, params.yaml"):
+        search.main(write_search(clone))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"space": {"train.learning_rat": {"low": 0.001, "high": 0.01}}},
+     r"search.yaml \(space\): train.learning_rat is not a key of params.yaml"),
+    ({"space": {"train.learning_rate": {"low": 0.002, "high": 0.01, "log": True}}},
+     r"baseline: true, but params.yaml's train.learning_rate = 0.001 is outside the space"),
+    ({"space": {"train.optimizer": {"choices": ["rmsprop", "adagrad"]}}},
+     r"search.yaml: space.train.optimizer = 'adagrad'.*train.optimizer = 'adagrad'"),
+    ({"space": {"train.learning_rate": {"low": 0.01, "high": 0.001}}}, r"space.train.learning_rate: needs low < high"),
+    ({"n_trials": 0}, r"search.yaml: search.n_trials = 0: Input should be greater than or equal to 1"),
+    ({"objective": {"metric": "details/train_cpu.json", "direction": "minimize"}}, r"search.objective.metric"),
+    ({"fixed": {"train.learning_rate": 0.01}}, r"train.learning_rate both fixed and searched"),
+    ({"studdy": "x"}, r"unknown key search.studdy"),
+])
+def test_a_wrong_search_file_is_one_line_before_anything_runs(clone, monkeypatch, changes, message):
+    fake = FakeDvc()
+    monkeypatch.setattr(search, "run_shown", fake)
+    with pytest.raises(UserError, match=message):
+        search.main(write_search(clone, **changes))
+    assert fake.calls == [] and not (clone / ".search").exists()
