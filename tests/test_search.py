@@ -163,3 +163,14 @@ def test_a_wrong_search_file_is_one_line_before_anything_runs(clone, monkeypatch
     with pytest.raises(UserError, match=message):
         search.main(write_search(clone, **changes))
     assert fake.calls == [] and not (clone / ".search").exists()
+
+
+def test_the_committed_search_file_is_valid_and_its_baseline_lies_in_its_space():
+    from mnist_cnn.params import read_yaml
+
+    params = read_yaml(ROOT / "params.yaml")
+    spec, dists = search.read_search(ROOT / "search.yaml", params)
+    assert search.baseline_params(params, spec, dists, "search.yaml") == {
+        key: params["train"][key.split(".")[1]] for key in spec.space}
+    assert spec.objective.metric.startswith("details/train_cpu.json:final_val")  # chosen on validation
+    assert spec.fixed["train.validation_split"] > 0
