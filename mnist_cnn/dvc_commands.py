@@ -35,16 +35,27 @@ def dvc_json(*args, cwd=None):
 
 
 def run_shown(*args):
-    """`dvc args`, its output shown as it comes; (exit status, the output's last 200 lines)."""
+    """`dvc args`, its output shown as it comes; (exit status, the output's last 200 lines). Stopped with this
+    process (a signal, Ctrl-C): DVC then stops its stage, rather than going on to write the workspace under a
+    tool that has gone."""
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     seen = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        seen.append(line)
-        del seen[:-200]
-    return proc.wait(), "".join(seen)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            seen.append(line)
+            del seen[:-200]
+        return proc.wait(), "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def value_text(value):

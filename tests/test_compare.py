@@ -135,3 +135,30 @@ def test_outside_a_project_it_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: run it in the project's root (where dvc.yaml is), in a git clone"]
+
+
+def test_a_name_both_a_branch_and_an_experiment_is_refused_not_guessed(repo):
+    folder, _, _, _ = repo
+    head = git(folder, "rev-parse", "HEAD")
+    git(folder, "branch", "twice")
+    git(folder, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/twice", head)
+    with pytest.raises(UserError, match=r"^'twice' names both a commit \(or branch\) and an experiment"):
+        compare.resolve("twice")
+
+
+@pytest.mark.parametrize("what", ["a file", "a folder of other things"])
+def test_out_never_replaces_what_is_not_a_report(repo, what):
+    folder, _, _, _ = repo
+    out = folder / "docs"
+    if what == "a file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match=r"docs exists and is not a change report's folder"):
+        compare.check_out_folder(out)
+    earlier = folder / "change-report"
+    earlier.mkdir()
+    (earlier / "report.md").write_text("# What `workspace` changed against `HEAD`\n")
+    compare.check_out_folder(earlier)  # an earlier report: replaced
+    compare.check_out_folder(folder / "absent")

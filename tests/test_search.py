@@ -5,6 +5,7 @@ test_search_e2e in tests/test_pipeline.py."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,8 +53,18 @@ class FakeDvc:
     """`dvc exp run -n NAME -S k=v ...` as DVC does it to the workspace: params.yaml gets the values, the trial's
     outputs are written; the validation loss is least at learning rate 0.002. fail_at: names that fail."""
 
-    def __init__(self, fail_at=(), kill_at=None):
+    def __init__(self, fail_at=(), kill_at=None, taken=()):
         self.calls, self.fail_at, self.kill_at = [], set(fail_at), kill_at
+        self.made, self.checkouts = set(taken), 0
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(search, "run_shown", self)
+        monkeypatch.setattr(search, "taken_names", lambda: set(self.made))  # DVC's experiments of the commit
+        monkeypatch.setattr(search, "checkout_outputs", self.checkout)
+        return self
+
+    def checkout(self):
+        self.checkouts += 1
 
     def __call__(self, *args):
         assert args[:3] == ("exp", "run", "-n")
@@ -73,6 +84,7 @@ class FakeDvc:
         lr = float(sets["train.learning_rate"])
         Path("details").mkdir(exist_ok=True)
         Path("details/train_cpu.json").write_text(json.dumps({"final_val_loss": 0.03 + (math.log10(lr / 0.002)) ** 2}))
+        self.made.add(name)
         return 0, "ok\n"
 
 
@@ -84,8 +96,7 @@ def study(folder, name="lr"):
 
 def test_the_baseline_runs_first_then_trials_until_n_trials_each_an_experiment_from_the_commit(clone, monkeypatch,
                                                                                                 capsys):
-    fake = FakeDvc()
-    monkeypatch.setattr(search, "run_shown", fake)
+    fake = FakeDvc().install(monkeypatch)
     search.main(write_search(clone))
     names = [name for name, _ in fake.calls]
     assert names == ["lr-0", "lr-1", "lr-2", "lr-3", "lr-4"]
@@ -99,11 +110,12 @@ def test_the_baseline_runs_first_then_trials_until_n_trials_each_an_experiment_f
     best = min(trials, key=lambda t: t.value)
     assert f"best: {best.user_attrs['experiment']}; `dvc exp apply {best.user_attrs['experiment']}`" in out
     assert "(params.yaml's)" in out
+    assert "lr-0 (train.learning_rate=0.001): details/train_cpu.json:final_val_loss = " in out
+    assert fake.checkouts == 1  # the committed run's DVC outputs back, not the last trial's
 
 
 def test_a_failed_trial_counts_is_named_and_the_search_goes_on(clone, monkeypatch):
-    fake = FakeDvc(fail_at={"lr-1"})
-    monkeypatch.setattr(search, "run_shown", fake)
+    fake = FakeDvc(fail_at={"lr-1"}).install(monkeypatch)
     with pytest.raises(SystemExit) as ended:
         search.main(write_search(clone, n_trials=3))
     assert str(ended.value) == "error: lr-1: train: the loss diverged at epoch 1"
@@ -114,15 +126,13 @@ def test_a_failed_trial_counts_is_named_and_the_search_goes_on(clone, monkeypatc
 
 
 def test_a_search_cut_short_resumes_running_the_cut_trial_again_first(clone, monkeypatch, capsys):
-    fake = FakeDvc(kill_at="lr-2")
-    monkeypatch.setattr(search, "run_shown", fake)
+    fake = FakeDvc(kill_at="lr-2").install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         search.main(write_search(clone, n_trials=4))
     cut = fake.calls[-1][1]
     assert git(clone, "status", "--porcelain", "--untracked-files=no") != ""  # the cut trial's params.yaml
 
-    again = FakeDvc()
-    monkeypatch.setattr(search, "run_shown", again)
+    again = FakeDvc(taken=fake.made).install(monkeypatch)
     search.main(write_search(clone, n_trials=4))
     assert [name for name, _ in again.calls] == ["lr-3", "lr-4"]
     assert again.calls[0][1] == cut  # the cut trial's params, first
@@ -132,11 +142,47 @@ def test_a_search_cut_short_resumes_running_the_cut_trial_again_first(clone, mon
     assert trials[3].user_attrs["rerun_of"] == 2 and len(search.counted(trials)) == 4
 
     search.main(write_search(clone, n_trials=4))  # done: nothing more runs
-    assert len(again.calls) == 2
+    assert len(again.calls) == 2 and again.checkouts == 1
+
+
+def test_a_finished_study_never_touches_edits_made_since(clone, monkeypatch, capsys):
+    fake = FakeDvc().install(monkeypatch)
+    search.main(write_search(clone, n_trials=2))
+    edited = (clone / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 0.0005")
+    (clone / "params.yaml").write_text(edited)  # the rate adopted, as the docs say
+    with pytest.raises(UserError, match=r"^1 file\(s\) differ from the commit \(params.yaml\)"):
+        search.main(write_search(clone, n_trials=2))
+    assert (clone / "params.yaml").read_text() == edited and fake.checkouts == 1
+
+
+def test_a_journal_of_another_search_or_names_taken_by_one_are_refused(clone, monkeypatch):
+    fake = FakeDvc().install(monkeypatch)
+    search.main(write_search(clone, n_trials=2))
+    wider = {"train.learning_rate": {"low": 0.0001, "high": 0.01, "log": True}}
+    with pytest.raises(UserError, match=r"^the study 'lr' in .search/lr.jsonl began with another search file"):
+        search.main(write_search(clone, n_trials=3, space=wider))
+    search.main(write_search(clone, n_trials=3))  # more trials of the same search: fine
+    assert len(fake.calls) == 3
+
+    shutil.rmtree(clone / ".search")  # the journal gone, DVC's experiments lr-0 ... still there
+    with pytest.raises(UserError, match=r"^experiments named like this study's trials exist already "
+                                        r"\(lr-0, lr-1, lr-2\): `dvc exp remove lr-0 lr-1 lr-2`"):
+        search.main(write_search(clone))
+    assert len(fake.calls) == 3
+
+
+def test_ranges_of_two_ints_are_ints_and_any_float_makes_a_float():
+    made = search.distributions({
+        "train.batch_size": search.Range(low=32, high=256, log=True),
+        "train.lr_decay_epochs": search.Range(low=1, high=3.0),
+        "train.momentum": search.Range(low=0.0, high=0.9)})
+    assert type(made["train.batch_size"]).__name__ == "IntDistribution" and made["train.batch_size"].log
+    assert type(made["train.lr_decay_epochs"]).__name__ == "FloatDistribution"
+    assert type(made["train.momentum"]).__name__ == "FloatDistribution"
 
 
 def test_other_changes_to_the_clone_stop_it_before_anything_runs(clone, monkeypatch):
-    monkeypatch.setattr(search, "run_shown", FakeDvc())
+    FakeDvc().install(monkeypatch)
     (clone / "params.yaml").write_text((clone / "params.yaml").read_text() + "\n# mine\n")
     Path(clone / "notes.txt").write_text("untracked: not in the way")
     git(clone, "add", "notes.txt")
@@ -156,10 +202,11 @@ def test_other_changes_to_the_clone_stop_it_before_anything_runs(clone, monkeypa
     ({"objective": {"metric": "details/train_cpu.json", "direction": "minimize"}}, r"search.objective.metric"),
     ({"fixed": {"train.learning_rate": 0.01}}, r"train.learning_rate both fixed and searched"),
     ({"studdy": "x"}, r"unknown key search.studdy"),
+    ({"objective": {"metric": "details/train_gpu.json:final_val_loss", "direction": "minimize"}},
+     r"objective.metric's file details/train_gpu.json is not an output of the committed pipeline"),
 ])
 def test_a_wrong_search_file_is_one_line_before_anything_runs(clone, monkeypatch, changes, message):
-    fake = FakeDvc()
-    monkeypatch.setattr(search, "run_shown", fake)
+    fake = FakeDvc().install(monkeypatch)
     with pytest.raises(UserError, match=message):
         search.main(write_search(clone, **changes))
     assert fake.calls == [] and not (clone / ".search").exists()
@@ -174,3 +221,35 @@ def test_the_committed_search_file_is_valid_and_its_baseline_lies_in_its_space()
         key: params["train"][key.split(".")[1]] for key in spec.space}
     assert spec.objective.metric.startswith("details/train_cpu.json:final_val")  # chosen on validation
     assert spec.fixed["train.validation_split"] > 0
+
+
+def test_a_tool_stopped_mid_run_stops_the_dvc_under_it(tmp_path, monkeypatch):
+    """run_shown's `dvc`, when the tool is interrupted (here: Ctrl-C while it shows a line), gets SIGTERM and is
+    waited for: it never goes on writing the workspace under a search that has gone."""
+    from mnist_cnn import dvc_commands
+
+    fake = tmp_path / "dvc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
+        "import os, signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(tmp_path / 'stopped')!r}, 'w').write(str(os.getpid())); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('Running stage train@cpu', flush=True)\n"
+        "time.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    class CtrlC:
+        def write(self, text):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", CtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        dvc_commands.run_shown("exp", "run")
+    pid = int((tmp_path / "stopped").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, and waited for

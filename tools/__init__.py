@@ -6,6 +6,7 @@
     compare      the change report of two runs: params, metrics, charts, provenance
     sweep        one sweep shared by several hosts
     preset       a preset as one `dvc exp run`
+    search       a search that picks each trial from the results so far (Optuna over `dvc exp run`)
 
 Like the stages, they import the package mnist_cnn/, never a stage.
 """

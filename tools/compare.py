@@ -76,7 +76,10 @@ def resolve(name, target=False):
                        f"{', '.join(stale)}); `dvc repro` first" if stale else ""))
     refs = experiment_refs(name)
     commit = git("rev-parse", "--verify", "-q", f"{name}^{{commit}}", check=False)
-    if commit and not refs:
+    if commit and refs:  # DVC would take the commit, we the experiment: say so rather than mix the two
+        raise UserError(f"{name!r} names both a commit (or branch) and an experiment: give the commit's hash, or "
+                        f"rename the experiment (`dvc exp rename {name} <new name>`)")
+    if commit:
         return Side(name, commit, describe(commit))
     if refs:
         here = [ref for ref in refs if head and ref.split("/")[2] + ref.split("/")[3] == head]
@@ -123,9 +126,10 @@ def cached_details(side, stage, cache):
     path = DETAILS.format(stage=stage)
     if side.commit is None:
         try:
-            return read_json(path), None
+            found = read_json(path)
         except UserError:
             return None, f"{path} is not in the workspace (`dvc checkout` or `dvc repro` puts it there)"
+        return (found, None) if isinstance(found, dict) and found else (None, f"{path} holds nothing")
     md5 = locked_outs(side).get(path)
     if not md5:
         return None, f"{path} is not in that commit's dvc.lock"
@@ -138,9 +142,10 @@ def cached_details(side, stage, cache):
         return None, (f"{path} of {side.name} is damaged in DVC's cache (its hash is not the one dvc.lock names; "
                       f"`dvc pull -f` fetches it again)")
     try:
-        return json.loads(data), None
+        found = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None, f"{path} of {side.name} is not JSON in DVC's cache"
+    return (found, None) if isinstance(found, dict) and found else (None, f"{path} of {side.name} holds nothing")
 
 
 def devices_of(side):
@@ -156,8 +161,10 @@ def provenance(side, cache):
     missing = []
     data, why = cached_details(side, "data", cache)
     if data:
+        images = data.get("train_images")
         rows.append(("data", f"{'full MNIST' if data.get('full_mnist') else 'the 7,000-image SAMPLE'} "
-                             f"({data.get('train_images'):,} training images; source {data.get('source')})"))
+                             f"({f'{images:,}' if isinstance(images, int) else '?'} training images; "
+                             f"source {data.get('source')})"))
     else:
         missing.append(why)
         headline = read_side(side, "metrics/data.json")
@@ -245,7 +252,10 @@ def render(plots, into):
         for entry in entries:
             if entry.get("type") == "vega":
                 name = chart_name(plot_id)
-                (into / name).write_bytes(vl_convert.vegalite_to_png(entry["content"], scale=1.5))
+                try:
+                    (into / name).write_bytes(vl_convert.vegalite_to_png(entry["content"], scale=1.5))
+                except (ValueError, RuntimeError) as err:  # vl-convert's errors for a spec it cannot draw
+                    raise UserError(f"the chart of {plot_id} could not be drawn: {str(err)[:200]}") from None
                 charts.append((title_of(entry["content"], plot_id), name, entry.get("revisions") or []))
             elif entry.get("type") == "image" and entry.get("url") and Path(entry["url"]).is_file():
                 rev = (entry.get("revisions") or ["?"])[0]
@@ -298,6 +308,18 @@ def plot_errors(shown):
     return found
 
 
+def check_out_folder(out):
+    """The report's folder is replaced whole: refuse anything there but an earlier report (or nothing)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    report = out / "report.md"
+    ours = out.is_dir() and not out.is_symlink() and (
+        not any(out.iterdir()) or (report.is_file() and report.read_text(errors="replace").startswith("# What `")))
+    if not ours:
+        raise UserError(f"{out} exists and is not a change report's folder: it would be replaced; "
+                        f"name another with --out")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", nargs="?", default="HEAD", help="a commit, branch or experiment (default: HEAD)")
@@ -309,6 +331,9 @@ def main(argv=None):
     if git("rev-parse", "--is-inside-work-tree", check=False) != "true" or not Path("dvc.yaml").is_file():
         raise UserError("run it in the project's root (where dvc.yaml is), in a git clone")
     base, target = resolve(args.base), resolve(args.target, target=True)
+    if base.commit == target.commit:
+        raise UserError(f"{base.name} and {target.name} are the same commit: nothing to compare")
+    check_out_folder(args.out)
     revs = [base.name] + ([] if target.commit is None else [target.name])
     cache = Path(dvc("cache", "dir").stdout.strip()) / "files" / "md5"
     params = dvc_json("params", "diff", *revs)

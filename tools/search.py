@@ -32,14 +32,15 @@ at the end naming each. Not a pipeline stage: a tool over DVC.
 import argparse
 import math
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from mnist_cnn.dvc_commands import back_to_the_commit, changed_files, is_ref_name, reason, run_shown, value_text
+from mnist_cnn.dvc_commands import back_to_the_commit, changed_files, dvc, is_ref_name, reason, run_shown, value_text
 from mnist_cnn.errors import UserError, printable
 from mnist_cnn.files import read_json
 from mnist_cnn.params import PARAMS_FILE, check_sections, dotted_get, read_yaml, validate, with_settings
@@ -59,8 +60,8 @@ class Objective(Strict):
 
 
 class Range(Strict):
-    low: float
-    high: float
+    low: StrictInt | StrictFloat  # two ints (1, 3): an int param; a float on either end (0.5, 3.0): a float
+    high: StrictInt | StrictFloat
     log: bool = False
 
 
@@ -90,9 +91,9 @@ def distributions(space):
             continue
         if not entry.low < entry.high or (entry.log and entry.low <= 0):
             raise UserError(f"search file: space.{key}: needs low < high{' and low > 0 (log)' if entry.log else ''}")
-        whole = float(entry.low).is_integer() and float(entry.high).is_integer() and not entry.log
-        made[key] = (IntDistribution(int(entry.low), int(entry.high)) if whole
-                     else FloatDistribution(entry.low, entry.high, log=entry.log))
+        whole = isinstance(entry.low, int) and isinstance(entry.high, int)
+        made[key] = (IntDistribution(entry.low, entry.high, log=entry.log) if whole
+                     else FloatDistribution(float(entry.low), float(entry.high), log=entry.log))
     return made
 
 
@@ -151,13 +152,15 @@ def counted(trials):
 
 
 def resume(study):
-    """Trials left RUNNING by a search that was killed: failed, and their params queued to run first again."""
+    """Trials left RUNNING by a search that was killed: their params queued to run first again (a baseline stays
+    the baseline), then the cut trials marked failed (not counted: counted() skips a trial run again)."""
     from optuna.trial import TrialState
 
     cut = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in cut:
+        again = {"rerun_of": trial.number, **({"baseline": True} if trial.user_attrs.get("baseline") else {})}
+        study.enqueue_trial(trial.params, user_attrs=again)
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
         print(f"{trial.user_attrs.get('experiment', trial.number)}: cut short by the last search; runs again",
               flush=True)
     return len(cut)
@@ -173,8 +176,6 @@ def leftovers_of_a_trial(changed, lock_outs):
 
 def git_outs():
     """The output paths the committed dvc.lock names (those in git among them are what a trial rewrites)."""
-    import subprocess
-
     import yaml
 
     text = subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True).stdout
@@ -192,10 +193,61 @@ def summary(study, direction):
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     done.sort(key=lambda t: t.value, reverse=direction == "maximize")
     lines = [f"{t.user_attrs.get('experiment', t.number)}: {t.value:.5g}  "
-             + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+             + settings_text(t.params)
              + ("  (params.yaml's)" if t.user_attrs.get("baseline") else "") for t in done]
     failed = [t for t in study.trials if t.state == TrialState.FAIL and "reason" in t.user_attrs]
     return lines, done[0] if done else None, failed
+
+
+def taken_names():
+    """The experiments of this commit, by name (`dvc exp list`)."""
+    return set(dvc("exp", "list", "--name-only").stdout.split())
+
+
+def checkout_outputs():
+    """The committed run's DVC outputs back in the workspace (models/, details/ ...), which the last trial's
+    left; a line saying so where DVC's cache lacks them."""
+    if dvc("checkout", check=False).returncode != 0:
+        print("note: the workspace's DVC outputs are still the last trial's; `dvc checkout` puts the committed "
+              "run's back once they are in the cache (`dvc pull`), or `dvc repro` makes them", flush=True)
+
+
+def settings_text(params):
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def open_study(journal, spec, head):
+    """The study of the journal (a new one where there is none), and how many trials it held. A journal begun
+    from another search file (objective, space, fixed params, sampler) or another commit is refused: its trials
+    would not be comparable with the new ones."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fingerprint = spec.model_dump_json(exclude={"n_trials"})
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    try:
+        held = optuna.load_study(study_name=spec.study, storage=storage)
+    except KeyError:  # no such study yet
+        held = None
+    if held is not None:
+        for what, mine, theirs in (("search file", fingerprint, held.user_attrs.get("search")),
+                                   ("commit", head, held.user_attrs.get("commit"))):
+            if mine != theirs:
+                raise UserError(f"the study {spec.study!r} in {journal} began with another {what} "
+                                f"({'its settings' if what == 'search file' else str(theirs)[:7]}): its trials "
+                                f"would not compare with new ones; name another study (or delete the journal)")
+    count = len(held.trials) if held is not None else 0
+    # The sampler's seed moves on with the trials held: a resumed search does not draw the same random points
+    # again, and the same journal gives the same next trial.
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + count, n_startup_trials=spec.startup_trials)
+    study = optuna.create_study(study_name=spec.study, storage=storage, load_if_exists=True,
+                                direction=spec.objective.direction, sampler=sampler)
+    if held is None:
+        study.set_user_attr("search", fingerprint)
+        study.set_user_attr("commit", head)
+    return study
 
 
 def main(argv=None):
@@ -207,40 +259,44 @@ def main(argv=None):
     params = read_yaml(Path(PARAMS_FILE))
     spec, dists = read_search(args.search, params)
     baseline = baseline_params(params, spec, dists, args.search) if spec.baseline else None
-    journal = JOURNALS / f"{spec.study}.jsonl"
     changed = changed_files()
     if changed is None:
         raise UserError("not in a git clone: run the search in the project's clone (each trial is a git experiment)")
-    if changed and not (journal.is_file() and leftovers_of_a_trial(changed, git_outs())):
+    outs = git_outs()
+    objective_file = METRIC.match(spec.objective.metric)["file"]
+    if objective_file not in outs:
+        raise UserError(f"{args.search}: objective.metric's file {objective_file} is not an output of the committed "
+                        f"pipeline (dvc.lock): a trial would not write it")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    journal = JOURNALS / f"{spec.study}.jsonl"
+    from optuna.trial import TrialState
+
+    held = journal.is_file()
+    study = open_study(journal, spec, head) if held else None
+    cut = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else []
+    if changed and not (cut and leftovers_of_a_trial(changed, outs)):
         raise UserError(f"{len(changed)} file(s) differ from the commit ({', '.join(changed[:3])}): each trial "
                         f"starts from the commit, which the search puts back; commit them, or `git stash`")
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+    ours = {t.user_attrs.get("experiment") for t in study.trials} if study else set()
+    clash = sorted(name for name in taken_names() - ours if re.fullmatch(rf"{re.escape(spec.study)}-\d+", name))
+    if clash:
+        raise UserError(f"experiments named like this study's trials exist already ({', '.join(clash[:3])}): "
+                        f"`dvc exp remove {' '.join(clash)}`, or name another study")
     JOURNALS.mkdir(exist_ok=True)
-    # The sampler's seed moves on with the trials the journal holds: a resumed search does not draw the same
-    # random points again, and the same journal gives the same next trial.
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    try:
-        held = len(optuna.load_study(study_name=spec.study, storage=storage).trials)
-    except KeyError:  # no such study yet
-        held = 0
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + held, n_startup_trials=spec.startup_trials)
-    study = optuna.create_study(study_name=spec.study, storage=storage, load_if_exists=True,
-                                direction=spec.objective.direction, sampler=sampler)
+    study = study or open_study(journal, spec, head)
     resume(study)
     if baseline and not study.trials:
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
     print(f"study {spec.study}: {len(counted(study.trials))} of {spec.n_trials} trials done; "
           f"{spec.objective.direction} {spec.objective.metric} (journal {journal})", flush=True)
+    ran = bool(cut)
     while len(counted(study.trials)) < spec.n_trials:
         trial = study.ask(dists)
         name = f"{spec.study}-{trial.number}"
         trial.set_user_attr("experiment", name)
         sets = {**spec.fixed, **trial.params}
         back_to_the_commit()  # not the last trial's params
+        ran = True
         start = time.perf_counter()
         code, output = run_shown("exp", "run", "-n", name,
                                  *[w for key, value in sets.items() for w in ("-S", f"{key}={value_text(value)}")])
@@ -251,13 +307,16 @@ def main(argv=None):
         except UserError as err:
             trial.set_user_attr("reason", str(err))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            print(f"{name}: failed: {err}", flush=True)
+            print(f"{name} ({settings_text(trial.params)}): failed: {err}", flush=True)
             continue
         study.tell(trial, value)
         best = study.best_trial
-        print(f"{name}: {spec.objective.metric} = {value:.5g} in {time.perf_counter() - start:.0f} s; best so far: "
-              f"{best.user_attrs['experiment']} ({best.value:.5g})", flush=True)
-    back_to_the_commit()
+        print(f"{name} ({settings_text(trial.params)}): {spec.objective.metric} = {value:.5g} in "
+              f"{time.perf_counter() - start:.0f} s; best so far: {best.user_attrs['experiment']} ({best.value:.5g})",
+              flush=True)
+    if ran:
+        back_to_the_commit()
+        checkout_outputs()
     lines, best, failed = summary(study, spec.objective.direction)
     print(f"study {spec.study}, {spec.objective.direction} {spec.objective.metric}, best first:")
     print("\n".join(f"  {line}" for line in lines) or "  no trial finished")
