@@ -281,8 +281,8 @@ def markdown(base, target, params, metrics, charts, images, errors, cache):
     lines += (table(["file", "metric", base.name, target.name, "change"], metrics_rows(metrics)) if metrics
               else ["Neither side has metrics (run `dvc repro` first)."])
     if charts:
-        lines += ["", "## Charts", "", "Both runs in each chart (the curves overlaid, one dash style per run; "
-                                       "a confusion matrix per run side by side).", ""]
+        lines += ["", "## Charts", "", "Both runs in each chart (the curves overlaid, each run's series in a "
+                                       "colour of its own; a confusion matrix per run side by side).", ""]
         for title, name, revisions in charts:
             lines += [f"### {title}", "", f"![{title}: {', '.join(revisions)}]({name})", ""]
     if images:
