@@ -15,7 +15,8 @@ from tools import compare
 CPU_DETAILS = {"device_name": "/physical_device:CPU:0", "cpu_model": "Test CPU 9000", "cpu_features": ["avx2", "fma"],
                "precision": "float32", "backend": "tensorflow", "backend_version": "2.21.0", "keras_version": "3.15.1"}
 DATA_DETAILS = {"source": "keras_cache", "full_mnist": True, "train_images": 60000, "test_images": 10000}
-REPORT = "# MNIST CNN: training report\n\nData: **full MNIST**, 60,000 training images.\n\nCPU: Test CPU 9000.\n"
+REPORT = ("# MNIST CNN: training report\n\nData: **full MNIST**, 60,000 training images.\n\nCPU: Test CPU 9000.\n\n"
+          "| run | accuracy | fit |\n|---|---|---|\n| ours, cpu | 99.10% | 115.2 s |\n")
 
 
 def git(repo, *args):
@@ -57,7 +58,8 @@ def test_a_side_not_in_the_cache_says_so_and_shows_what_git_holds(repo):
     assert rows["data"] == "full MNIST (from metrics/data.json in git)"
     assert "train@cpu" not in rows
     assert "details/train_cpu.json of HEAD is not in this clone's DVC cache (`dvc pull` fetches it)" in rows["not here"]
-    assert rows["its report (git)"] == "Data: **full MNIST**, 60,000 training images. / CPU: Test CPU 9000."
+    assert rows["its report (git)"] == ("Data: **full MNIST**, 60,000 training images. / CPU: Test CPU 9000. / "
+                                        "ours, cpu: 99.10%, 115.2 s")
 
     put_in_cache(cache, files, outs)
     rows = dict(compare.provenance(compare.resolve("HEAD"), cache))

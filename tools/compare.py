@@ -154,6 +154,15 @@ def devices_of(side):
             if path.startswith("details/train_")]
 
 
+def report_line(line):
+    """A line of report.md as a cell shows it: a table row's cells joined ("ours, cpu: 99.10%, 115.2 s, ...")."""
+    line = line.strip()
+    if not line.startswith("|"):
+        return line
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    return f"{cells[0]}: {', '.join(cells[1:])}"
+
+
 def provenance(side, cache):
     """[(what, for this side)]: code, data, and per device its CPU, precision and libraries; and, where DVC's
     cache lacks a detail, why, and what git holds instead (the run's report's own lines)."""
@@ -182,7 +191,7 @@ def provenance(side, cache):
                                         f"{train.get('backend_version')}, Keras {train.get('keras_version')}"))
     if missing:
         rows.append(("not here", "; ".join(missing)))
-        kept = [line.strip() for line in (read_side(side, "reports/report.md") or "").splitlines()
+        kept = [report_line(line) for line in (read_side(side, "reports/report.md") or "").splitlines()
                 if REPORT_PROVENANCE.match(line)]
         rows.append(("its report (git)", " / ".join(kept) if kept else "no reports/report.md at that side"))
     return rows
