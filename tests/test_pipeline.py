@@ -436,6 +436,10 @@ def test_a_search_picks_trials_runs_each_as_an_experiment_and_resumes_after_a_ki
             "fixed": {"train.validation_split": 0.2}, "space": {"train.learning_rate": {"low": 0.0005, "high": 0.01,
                                                                                           "log": True}}}
     (project / "t.yaml").write_text(yaml.safe_dump(spec))
+    # From the committed run, as a user starts a search: the tests before this one leave the workspace changed
+    # (a rerun's dvc.lock and metrics), which the search refuses.
+    subprocess.run(["git", "checkout", "--", "."], cwd=project, check=True)
+    dvc(project, "checkout", "-f")
     command = [sys.executable, "-m", "tools.search", "t.yaml"]
     log = project / "search.log"
     try:
