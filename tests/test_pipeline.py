@@ -461,7 +461,8 @@ def test_a_search_picks_trials_runs_each_as_an_experiment_and_resumes_after_a_ki
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr
         assert "t-1: cut short by the last search; runs again" in again.stdout
         assert "study t: 1 of 4 trials done" in again.stdout
-        rates = {row["name"]: row for row in experiments(project)}
+        rates = {row["name"]: row for row in experiments(project) if row["name"].startswith("t-")}  # (others':
+        # a failed experiment of the README test stays in DVC's queue, which `dvc exp remove --all-commits` keeps)
         assert set(rates) == {"t-0", "t-2", "t-3", "t-4"}, rates  # t-1 was cut short: no experiment of it
         committed = yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"]
         assert rates["t-0"]["learning_rate"] == committed  # the baseline: params.yaml's own rate
