@@ -58,6 +58,17 @@ def run_shown(*args):
                 proc.wait()
 
 
+def lock_outs(text):
+    """{output path: its md5} for every output a dvc.lock's text names; {} for no text or a damaged lock."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(text or "") or {}).get("stages") or {}
+        return {out["path"]: out.get("md5") for stage in stages.values() for out in stage.get("outs") or []}
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return {}
+
+
 def value_text(value):
     """A value as `-S key=value` writes it: true, 0.004, 16, cosine. DVC parses it with Hydra's override
     grammar, in which `a,b` is a sweep and `true` a boolean: a string that would not come back as itself is

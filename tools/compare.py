@@ -19,6 +19,7 @@ not at all.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -28,9 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
-from mnist_cnn.dvc_commands import dvc, dvc_json
+from mnist_cnn.dvc_commands import dvc, dvc_json, lock_outs
 from mnist_cnn.errors import UserError
 from mnist_cnn.files import atomic_path, read_json, to_json
 from mnist_cnn.stage import run
@@ -111,14 +111,10 @@ def read_side(side, path):
     return git("show", f"{side.commit}:{path}", check=False)
 
 
+@functools.cache  # read once per side: provenance asks for each stage's detail
 def locked_outs(side):
     """{output path: its md5} for every output the side's dvc.lock names; {} without one."""
-    try:
-        lock = yaml.safe_load(read_side(side, "dvc.lock") or "") or {}
-        return {out["path"]: out.get("md5") for stage in (lock.get("stages") or {}).values()
-                for out in stage.get("outs") or []}
-    except (yaml.YAMLError, AttributeError, TypeError, KeyError):
-        return {}
+    return lock_outs(read_side(side, "dvc.lock"))
 
 
 def cached_details(side, stage, cache):

@@ -40,7 +40,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from mnist_cnn.dvc_commands import back_to_the_commit, changed_files, dvc, is_ref_name, reason, run_shown, value_text
+from mnist_cnn.dvc_commands import (back_to_the_commit, changed_files, dvc, is_ref_name, lock_outs, reason, run_shown,
+                                    value_text)
 from mnist_cnn.errors import UserError, printable
 from mnist_cnn.files import read_json
 from mnist_cnn.params import PARAMS_FILE, check_sections, dotted_get, read_yaml, validate, with_settings
@@ -176,14 +177,7 @@ def leftovers_of_a_trial(changed, lock_outs):
 
 def git_outs():
     """The output paths the committed dvc.lock names (those in git among them are what a trial rewrites)."""
-    import yaml
-
-    text = subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True).stdout
-    try:
-        stages = (yaml.safe_load(text) or {}).get("stages") or {}
-        return [out["path"] for stage in stages.values() for out in stage.get("outs") or []]
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
-        return []
+    return list(lock_outs(subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True, text=True).stdout))
 
 
 def summary(study, direction):
