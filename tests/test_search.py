@@ -253,3 +253,20 @@ def test_a_tool_stopped_mid_run_stops_the_dvc_under_it(tmp_path, monkeypatch):
     pid = int((tmp_path / "stopped").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # gone, and waited for
+
+
+def test_a_fresh_runs_products_do_not_stop_the_search_but_params_edits_do(clone, monkeypatch, capsys):
+    """After the user's own `dvc repro` (its dvc.lock and metrics differ from the commit's: the fit time), the
+    search starts, saying it puts them back; an edited params.yaml beside them still stops it."""
+    fake = FakeDvc().install(monkeypatch)
+    (clone / "metrics" / "train_cpu.json").write_text('{"fit_time_s": 143.7}')
+    (clone / "dvc.lock").write_text((clone / "dvc.lock").read_text() + "# rerun\n")
+    search.main(write_search(clone, n_trials=1))
+    assert len(fake.calls) == 1
+    assert "note: the workspace's run (dvc.lock, metrics/train_cpu.json) is put back" in capsys.readouterr().out
+
+    (clone / "metrics" / "train_cpu.json").write_text('{"fit_time_s": 143.7}')
+    (clone / "params.yaml").write_text((clone / "params.yaml").read_text() + "# mine\n")
+    with pytest.raises(UserError, match=r"^2 file\(s\) differ from the commit"):
+        search.main(write_search(clone, n_trials=2))
+    assert (clone / "params.yaml").read_text().endswith("# mine\n") and len(fake.calls) == 1

@@ -167,10 +167,10 @@ def resume(study):
     return len(cut)
 
 
-def leftovers_of_a_trial(changed, lock_outs):
-    """Whether uncommitted changes are only what a `dvc exp run` writes: params.yaml, dvc.lock and the outputs
-    git tracks (metrics, plots, the report)."""
-    written = {PARAMS_FILE, "dvc.lock", *lock_outs}
+def leftovers_of_a_trial(changed, lock_outs, params=True):
+    """Whether uncommitted changes are only what a `dvc exp run` writes: params.yaml (unless params=False),
+    dvc.lock and the outputs git tracks (metrics, plots, the report)."""
+    written = {"dvc.lock", *lock_outs} | ({PARAMS_FILE} if params else set())
     return all(path in written or any(path.startswith(out.rstrip("/") + "/") for out in lock_outs)
                for path in changed)
 
@@ -268,7 +268,10 @@ def main(argv=None):
     held = journal.is_file()
     study = open_study(journal, spec, head) if held else None
     cut = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else []
-    if changed and not (cut and leftovers_of_a_trial(changed, outs)):
+    # A run's own products (dvc.lock, metrics, the report: a fresh `dvc repro` changes them, its fit time if
+    # nothing else) are put back to the commit's, their outputs staying in DVC's cache; params.yaml and code
+    # edits are the user's, kept: only a trial cut short leaves params.yaml changed.
+    if changed and not leftovers_of_a_trial(changed, outs, params=bool(cut)):
         raise UserError(f"{len(changed)} file(s) differ from the commit ({', '.join(changed[:3])}): each trial "
                         f"starts from the commit, which the search puts back; commit them, or `git stash`")
     ours = {t.user_attrs.get("experiment") for t in study.trials} if study else set()
@@ -276,6 +279,9 @@ def main(argv=None):
     if clash:
         raise UserError(f"experiments named like this study's trials exist already ({', '.join(clash[:3])}): "
                         f"`dvc exp remove {' '.join(clash)}`, or name another study")
+    if changed and not cut:
+        print(f"note: the workspace's run ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}) is put "
+              f"back to the commit's for the search; its outputs stay in DVC's cache", flush=True)
     JOURNALS.mkdir(exist_ok=True)
     study = study or open_study(journal, spec, head)
     resume(study)
