@@ -42,6 +42,25 @@ def import_keras(backend, device=None):
     return keras
 
 
+@contextmanager
+def keras_to_build():
+    """Keras for a stage that builds and saves a model and never trains or predicts with it (build_init_weights):
+    on its NumPy backend, which starts in about half TensorFlow's time and memory, with TensorFlow kept out for
+    the whole block (Keras would import it lazily for its file paths, tf.io.gfile, where it can). The files
+    written are the same to the byte on any backend (tests/test_build_init_weights.py). A process that has
+    imported Keras already (a test's) keeps its backend.
+    """
+    if "keras" in sys.modules:
+        import keras
+        yield keras
+        return
+    os.environ["KERAS_BACKEND"] = "numpy"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # NumPy's backend imports JAX (its FFT); no GPU is looked for
+    with unimportable("tensorflow", *(name for name in KERAS_EXTRAS if name != "jax")):
+        import keras
+        yield keras
+
+
 # What importing Keras on TensorFlow also imports when it is installed, for parts
 # no stage uses: TensorFlow Lite's JAX converter (jax), Keras's scikit-learn
 # wrappers (sklearn) and its image gallery (matplotlib.pyplot), each about a

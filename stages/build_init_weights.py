@@ -8,7 +8,9 @@ initial.weights.h5 (Keras 3 weights file) and summary.md (the layer table).
 Every training run starts from these same weights, so runs with other
 settings or on another device compare fairly, as in the seed notebook.
 The weights are drawn with NumPy from base.seed (mnist_cnn.model.initial_weights),
-so TensorFlow, JAX and PyTorch start from identical numbers. --details records
+so TensorFlow, JAX and PyTorch start from identical numbers; Keras builds and saves
+the model on its NumPy backend (backend.keras_to_build: no framework's start-up,
+the same files to the byte), so base.backend does not concern this stage. --details records
 the weight count, the layer table, a one-line description and the training
 FLOPs per image; --metrics the weight count.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn.backend import import_keras
+from mnist_cnn.backend import keras_to_build
 from mnist_cnn.files import atomic_path, write_json, write_manifest
 from mnist_cnn.model import build_model, describe, initial_weights, layer_table
 from mnist_cnn.params import PARAMS_FILE, BaseParams, ModelParams, count_weights, load_params, train_flops
@@ -47,20 +49,19 @@ def main(argv=None):
     params = load_params(args.params, base=BaseParams, model=ModelParams)
     arch, base = params["model"], params["base"]
 
-    keras = import_keras(base.backend, device="cpu")
-    model = with_initial_weights(keras, build_model(keras, arch), base.seed)
-    n_weights = model.count_params()
-    if n_weights != count_weights(arch):  # an oracle for build_model
-        raise RuntimeError(f"Keras counts {n_weights} weights, the params say {count_weights(arch)}")
-    layers = layer_table(model)
-    summary = markdown_table(LAYER_COLUMNS, layer_rows(layers, bold_total=True)) + "\n"
-
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
-        model.save_weights(tmp / "initial.weights.h5")
-        (tmp / "summary.md").write_text(summary)
-        write_manifest(tmp, "build_init_weights")
+    with keras_to_build() as keras:
+        model = with_initial_weights(keras, build_model(keras, arch), base.seed)
+        n_weights = model.count_params()
+        if n_weights != count_weights(arch):  # an oracle for build_model
+            raise RuntimeError(f"Keras counts {n_weights} weights, the params say {count_weights(arch)}")
+        layers = layer_table(model)
+        summary = markdown_table(LAYER_COLUMNS, layer_rows(layers, bold_total=True)) + "\n"
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            (tmp / "model.json").write_text(model.to_json(indent=2) + "\n")
+            model.save_weights(tmp / "initial.weights.h5")
+            (tmp / "summary.md").write_text(summary)
+            write_manifest(tmp, "build_init_weights")
     write_json(args.details, {"weights": n_weights, "layers": len(model.layers), "architecture": describe(arch),
                               "train_flops_per_image": train_flops(arch), "layer_table": layers})
     write_json(args.metrics, {"weights": n_weights})

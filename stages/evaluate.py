@@ -11,6 +11,11 @@ precision and recall (per_class.7.recall), which the report shows. The predictio
 CSV (one row per test image: actual and predicted digit, confidence) is the
 confusion matrix's data: DVC's confusion plot and the report's table. The
 mistakes PNG shows the 25 most confident mistakes, as the digits were drawn.
+
+It scores what predict and serve answer with (mnist_cnn.inference): classifier.onnx on ONNX Runtime, which
+starts in a fraction of a second where TensorFlow takes seconds (train checked it against Keras to 1e-5), or
+classifier.keras on Keras where train could write no ONNX; --details names which (computed_by). Both take the
+0..255 pixels, recovered exactly from x_test.npy with scaler.json (test_pixels).
 """
 
 import argparse
@@ -18,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from mnist_cnn import N_CLASSES, SIDE
-from mnist_cnn.backend import import_keras
 from mnist_cnn.errors import UserError
 from mnist_cnn.files import atomic_path, check_files, read_json, write_json
-from mnist_cnn.params import PARAMS_FILE, BaseParams, EvaluateParams, check_batch_memory, load_params, values_per_image
+from mnist_cnn.inference import TrainedClassifier
+from mnist_cnn.model import lookup, standardize_table
+from mnist_cnn.params import PARAMS_FILE, EvaluateParams, check_batch_memory, load_params
 from mnist_cnn.stage import run
 
 DIGITS = list(range(N_CLASSES))
@@ -88,10 +94,20 @@ def most_confident_mistakes(probs, y, n=25):
     return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
 
 
-def unstandardize(x, scaler):
-    """Standardized (N, 28, 28, 1) images back to 0..255 pixels, with preprocess's scaler.json."""
-    flat = x.reshape(len(x), -1) * np.array(scaler["scale"]) + np.array(scaler["mean"])
-    return np.clip(flat, 0, 255).reshape(len(x), SIDE, SIDE)
+def test_pixels(x, scaler):
+    """The 0..255 pixels (N, 28, 28) uint8 that preprocess standardized into x (N, 28, 28, 1) with `scaler`.
+
+    Each value is unstandardized in float64 and rounded to the nearest level; the result is checked to
+    standardize back to x bit for bit (the lookup train's classifier does), so the classifier sees exactly the
+    values the network would have been given.
+    """
+    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    levels = np.rint(flat * np.asarray(scaler["scale"], np.float64) + np.asarray(scaler["mean"], np.float64))
+    pixels = np.clip(np.nan_to_num(levels), 0, 255).astype(np.uint8)
+    if not np.array_equal(lookup(standardize_table(scaler), pixels), np.asarray(x).reshape(len(x), -1)):
+        raise UserError("x_test.npy is not scaler.json's standardization of 0..255 pixels (a file changed by "
+                        "hand, or another preprocess's): run `dvc repro -f preprocess`")
+    return pixels.reshape(len(x), SIDE, SIDE)
 
 
 def mistakes_png(images, y, probs, indices, path, title, scale=5, cols=5):
@@ -132,43 +148,45 @@ def main(argv=None):
     parser.add_argument("--mistakes", type=Path, required=True, help="PNG of the most confident mistakes")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     args = parser.parse_args(argv)
-    params = load_params(args.params, base=BaseParams, evaluate=EvaluateParams)
+    params = load_params(args.params, evaluate=EvaluateParams)
 
     data_md5 = check_files(args.data, ["x_test.npy", "y_test.npy", "scaler.json"])
-    check_files(args.model, ["model.keras", "params.json"])
-    if read_json(args.model / "params.json").get("scaler_md5") != data_md5["scaler.json"]:
+    check_files(args.model, ["params.json"])
+    trained = read_json(args.model / "params.json")
+    if trained.get("scaler_md5") != data_md5["scaler.json"]:
         raise UserError(f"{args.model} was trained on images standardized by another scaler than "
                         f"{args.data / 'scaler.json'}; run `dvc repro` to train it on these")
-    keras = import_keras(params["base"].backend)
+    if "values_per_image" not in trained:
+        raise UserError(f"{args.model} was written by an older train stage; run `dvc repro` to train it again")
+    evaluate = params["evaluate"]
+    check_batch_memory(trained["values_per_image"], evaluate.batch_size, evaluate.max_batch_mb,
+                       ("evaluate.batch_size", "evaluate.max_batch_mb"), training=False)
     try:
-        x = np.load(args.data / "x_test.npy", mmap_mode="r")  # read a batch at a time
+        x = np.load(args.data / "x_test.npy")
         y = np.load(args.data / "y_test.npy").astype(np.int64)
         scaler = read_json(args.data / "scaler.json")
-        model = keras.models.load_model(args.model / "model.keras")
     except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"cannot load the test data or the {args.device} model ({err}); "
-                        f"run `dvc repro` to make them") from None
-    evaluate = params["evaluate"]
-    check_batch_memory(values_per_image(model), evaluate.batch_size, evaluate.max_batch_mb,
-                       ("evaluate.batch_size", "evaluate.max_batch_mb"), training=False)
-    probs = np.concatenate([np.asarray(model.predict_on_batch(np.asarray(x[start:start + evaluate.batch_size])),
-                                       dtype=np.float64) for start in range(0, len(x), evaluate.batch_size)])
+        raise UserError(f"cannot load the test data ({err}); run `dvc repro` to make them") from None
+    pixels = test_pixels(x, scaler)
+    model = TrainedClassifier(args.model)
+    probs = np.concatenate([model.predict(pixels[start:start + evaluate.batch_size])
+                            for start in range(0, len(pixels), evaluate.batch_size)])
 
     if not np.isfinite(probs).all():
         raise UserError(f"the {args.device} model gives NaN or infinite probabilities on the test set; nothing "
                         f"was written. Its weights ran away in training: lower train.learning_rate")
     metrics = test_metrics(probs, y)
+    metrics["computed_by"] = model.name
     check_learned(metrics["test"]["accuracy"], y, args.device)
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        pixels = dict(zip(wrong, unstandardize(np.asarray(x[wrong]), scaler), strict=True))  # only the mistakes shown
-        mistakes_png(pixels, y, probs, wrong, png,
+        mistakes_png(dict(zip(wrong, pixels[wrong], strict=True)), y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
     write_json(args.details, metrics)
     write_json(args.metrics, {"test": {key: metrics["test"][key] for key in ("accuracy", "loss")}})
     t = metrics["test"]
-    print(f"{args.device} model on {t['images']} test images: accuracy {t['accuracy']:.4f}, "
+    print(f"{args.device} model on {t['images']} test images ({model.name}): accuracy {t['accuracy']:.4f}, "
           f"loss {t['loss']:.4f}, {t['errors']} errors")
     print(f"wrote {args.metrics}, {args.details}, {args.predictions} and {args.mistakes}")
 

@@ -160,8 +160,10 @@ def main(argv=None):
             fitted = classifier(keras, network, table)
             details["float32_vs_trained"] = check_float32(keras, trained_fitted, fitted, check_images)
         # scaler_md5: evaluate checks that the model is paired with the scaler it reads
+        # values_per_image: evaluate checks its batch's memory with it, without loading Keras
         trained_with = {"base": base.model_dump(), "train": train_params_for(train, args.device),
-                        "device": args.device, "scaler_md5": data_md5["scaler.json"]}
+                        "device": args.device, "scaler_md5": data_md5["scaler.json"],
+                        "values_per_image": values_per_image(network)}
         no_onnx = save_model(args.out, f"train@{args.device}", keras, network, fitted, check_images,
                              trained_with)
         write_json(args.details, details)

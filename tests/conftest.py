@@ -150,12 +150,23 @@ def isolated_env(monkeypatch, tmp_path):
     return tmp_path
 
 
+def build_init(args):
+    """build_init_weights's main() in this process, with Keras on TensorFlow first: the tests train in the same
+    process afterwards, and Keras's backend is fixed once imported. As DVC runs it, the stage builds on Keras's
+    NumPy backend (backend.keras_to_build); tests/test_build_init_weights.py checks that both write the same
+    bytes."""
+    from mnist_cnn.backend import import_keras
+    from stages import build_init_weights
+
+    import_keras("tensorflow", device="cpu")
+    build_init_weights.main([str(arg) for arg in args])
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A model trained here on the sample (the seed's CNN, 2 epochs: about 95 %), for predict and serve.
 
     (model folder, raw test images, test labels, the network's own predictions on their standardized forms)."""
-    from stages import build_init_weights
     from stages import train
     from mnist_cnn.backend import import_keras
 
@@ -166,8 +177,7 @@ def trained(tmp_path_factory):
     params = tiny_params(**{"train.epochs": 2, "train.batch_size": 64})
     params["model"] = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]  # the seed's CNN
     p = write_params(tmp / "params.yaml", params)
-    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "m.json"),
-                             "--details", str(tmp / "md.json"), "--params", str(p)])
+    build_init(["--out", tmp / "init", "--metrics", tmp / "m.json", "--details", tmp / "md.json", "--params", p])
     train.main(["--device", "cpu", "--data", str(tmp / "data"), "--init", str(tmp / "init"), "--out", str(tmp / "cpu"),
                 "--metrics", str(tmp / "t.json"), "--details", str(tmp / "d.json"), "--live", str(tmp / "live"),
                 "--params", str(p)])
@@ -184,9 +194,8 @@ def prepared(tmp_path_factory):
         raw = {name: npz[name][:1000] for name in npz.files}
     write_processed(tmp / "data", raw)
     p = write_params(tmp / "params.yaml", tiny_params())
-    from stages import build_init_weights
-    build_init_weights.main(["--out", str(tmp / "init"), "--metrics", str(tmp / "model.json"),
-                             "--details", str(tmp / "model_details.json"), "--params", str(p)])
+    build_init(["--out", tmp / "init", "--metrics", tmp / "model.json", "--details", tmp / "model_details.json",
+                "--params", p])
     return tmp
 
 
@@ -289,7 +298,7 @@ SCHEMAS = {
     "preprocess": {"base": None, "preprocess": PreprocessParams},
     "build_init_weights": {"base": None, "model": ModelParams},
     "train": {"base": None, "train": TrainParams},
-    "evaluate": {"base": None, "evaluate": EvaluateParams},
+    "evaluate": {"evaluate": EvaluateParams},
     "report": {"base": None, "preprocess": None, "model": None, "train": None},
 }
 

@@ -1,5 +1,5 @@
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import build_init_weights as biw
 from mnist_cnn.errors import UserError
 from mnist_cnn.backend import import_keras
 from mnist_cnn.params import validate
-from tests.conftest import ROOT, tiny_params, write_params
+from tests.conftest import ROOT, build_init, tiny_params, write_params
 from mnist_cnn.model import build_model, describe, initial_weights
 from mnist_cnn.params import (L2Params, ModelParams, check_architecture, count_weights, layer_values, train_flops,
                               values_per_image)
@@ -86,7 +85,7 @@ def test_feature_maps_below_1x1_are_refused_naming_the_key(kernel, pool, key):
 def test_bad_model_params_are_one_line_errors(tmp_path, change, message):
     p = write_params(tmp_path / "params.yaml", tiny_params(**change))
     with pytest.raises(UserError, match=message) as err:
-        biw.main(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"),
+        build_init(["--out", str(tmp_path / "init"), "--metrics", str(tmp_path / "m.json"),
                   "--details", str(tmp_path / "d.json"), "--params", str(p)])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "init").exists()
@@ -119,7 +118,7 @@ def test_initial_weights_are_glorot_uniform_and_zero_biases():
 def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
     p = write_params(tmp_path / "params.yaml", tiny_params())
     out = tmp_path / "init"
-    biw.main(["--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
+    build_init(["--out", str(out), "--metrics", str(tmp_path / "m.json"), "--details", str(tmp_path / "d.json"),
               "--params", str(p)])
     keras = import_keras("tensorflow", device="cpu")
     model = keras.models.model_from_json((out / "model.json").read_text())
@@ -134,18 +133,28 @@ def test_main_saves_a_model_that_reloads_with_the_same_weights(tmp_path):
     assert all(f"| {layer['layer']} | {layer['type']} | {layer['output_shape']} |" in summary for layer in layers)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch (pip install torch)")
-def test_initial_weights_are_the_same_bytes_on_another_backend(tmp_path):
-    """The NumPy draw makes the initial weights backend-independent (a backend is fixed per process)."""
-    files = {}
-    for backend in ("tensorflow", "torch"):
-        p = write_params(tmp_path / f"{backend}.yaml", tiny_params(**{"base.backend": backend}))
-        subprocess.run([sys.executable, "-m", "stages.build_init_weights", "--out", str(tmp_path / backend),
-                        "--metrics", str(tmp_path / f"{backend}.json"),
-                        "--details", str(tmp_path / f"{backend}.d.json"), "--params", str(p)],
-                       cwd=ROOT, check=True, capture_output=True)
-        files[backend] = (tmp_path / backend / "initial.weights.h5").read_bytes()
-    assert files["tensorflow"] == files["torch"]
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_stage_builds_on_numpys_backend_without_tensorflow_and_writes_tensorflows_bytes(tmp_path, batch_norm):
+    """As DVC runs it, the stage builds on Keras's NumPy backend and never imports TensorFlow; its files are the
+    ones this process (Keras on TensorFlow) writes, to the byte; the initial weights are NumPy's draws either way."""
+    import_keras("tensorflow", device="cpu")
+    p = write_params(tmp_path / "params.yaml", tiny_params(**{"model.batch_norm": batch_norm}))
+    outputs = {}
+    for how in ("stage", "tensorflow"):
+        args = ["--out", str(tmp_path / how), "--metrics", str(tmp_path / f"{how}.json"),
+                "--details", str(tmp_path / f"{how}.d.json"), "--params", str(p)]
+        if how == "tensorflow":
+            build_init(args)
+        else:
+            code = ("import sys; from stages import build_init_weights as b; b.main(sys.argv[1:]); "
+                    "import keras; print(keras.backend.backend(), 'tensorflow' in sys.modules)")
+            ran = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, check=True, capture_output=True,
+                                 text=True, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+            assert ran.stdout.splitlines()[-1] == "numpy False"
+        outputs[how] = {f.name: f.read_bytes() for f in sorted((tmp_path / how).iterdir())}
+        outputs[how]["details"] = (tmp_path / f"{how}.d.json").read_bytes()
+    assert set(outputs["stage"]) == {"model.json", "initial.weights.h5", "summary.md", "manifest.json", "details"}
+    assert outputs["stage"] == outputs["tensorflow"]
 
 
 def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_path):
@@ -154,7 +163,7 @@ def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_pat
     mean 0, variance 1, and the kernels are the very ones of the same model without it."""
     keras = import_keras("tensorflow", device="cpu")
     params = tiny_params(**{"model.batch_norm": True})
-    biw.main(["--out", str(tmp_path / "bn"), "--metrics", str(tmp_path / "m.json"), "--details",
+    build_init(["--out", str(tmp_path / "bn"), "--metrics", str(tmp_path / "m.json"), "--details",
               str(tmp_path / "d.json"), "--params", str(write_params(tmp_path / "bn.yaml", params))])
     model = keras.models.model_from_json((tmp_path / "bn" / "model.json").read_text())
     model.load_weights(tmp_path / "bn" / "initial.weights.h5")
@@ -167,7 +176,7 @@ def test_batch_norm_follows_each_hidden_layer_and_starts_as_the_identity(tmp_pat
     assert [float(np.unique(w.numpy())[0]) for w in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)] == [
         1.0, 0.0, 0.0, 1.0]
     plain = tmp_path / "plain.yaml"
-    biw.main(["--out", str(tmp_path / "plain"), "--metrics", str(tmp_path / "m.json"), "--details",
+    build_init(["--out", str(tmp_path / "plain"), "--metrics", str(tmp_path / "m.json"), "--details",
               str(tmp_path / "d.json"), "--params", str(write_params(plain, tiny_params()))])
     seed = keras.models.model_from_json((tmp_path / "plain" / "model.json").read_text())
     seed.load_weights(tmp_path / "plain" / "initial.weights.h5")

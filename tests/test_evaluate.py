@@ -62,3 +62,25 @@ def test_the_mistakes_picture_shows_each_image_pixel_for_pixel_in_its_cell(tmp_p
         below = sheet[yy + side + 2:yy + side + caption, x:x + side]
         assert below.min() < 128  # a caption is written under each
     assert (sheet[top + side + caption + 8:, 3 * (side + 2 * pad):] == 255).all()  # no 7th cell: blank paper
+
+
+@pytest.mark.parametrize("procedure, kind", [("published_split", "per_pixel"), ("pooled_resplit", "per_pixel"),
+                                             ("published_split", "global")])
+def test_the_test_pixels_are_recovered_exactly_from_the_standardized_images(sample_raw, procedure, kind):
+    from stages import preprocess
+    arrays, scaler = preprocess.preprocess(sample_raw, procedure, seed=0, kind=kind)
+    pixels = evaluate.test_pixels(arrays["x_test"], scaler)
+    assert pixels.dtype == np.uint8 and pixels.shape == arrays["x_test"].shape[:3]
+    if procedure == "published_split":  # the published test set, in its order: the raw images themselves
+        assert np.array_equal(pixels, sample_raw["x_test"])
+
+
+def test_test_images_that_are_not_the_scalers_standardization_are_refused(sample_raw):
+    from mnist_cnn.errors import UserError
+    from stages import preprocess
+    arrays, scaler = preprocess.preprocess(sample_raw, "published_split", seed=0)
+    x = arrays["x_test"].copy()
+    x[3, 14, 14, 0] = np.nextafter(x[3, 14, 14, 0], np.float32(np.inf))  # one value off by its last bit
+    with pytest.raises(UserError, match=r"^x_test.npy is not scaler.json's standardization .* `dvc repro -f "
+                                        r"preprocess`$"):
+        evaluate.test_pixels(x, scaler)

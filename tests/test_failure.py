@@ -107,14 +107,21 @@ def evaluate_args(prepared, model, out):
             "--predictions", str(out / "p.csv"), "--mistakes", str(out / "m.png")]
 
 
-def test_evaluate_fails_a_model_that_always_answers_one_digit_and_writes_nothing(prepared, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "keras"])
+def test_evaluate_fails_a_model_that_always_answers_one_digit_and_writes_nothing(prepared, tmp_path, runtime):
+    from mnist_cnn.files import MANIFEST, read_json
+    from mnist_cnn.training import export_onnx
     out, _ = run_train(prepared, tmp_path / "run")
     keras = import_keras("tensorflow", device="cpu")
-    model = keras.models.load_model(out / "model.keras")
-    bias = model.get_layer("output").bias
+    model = keras.models.load_model(out / "classifier.keras")
+    bias = model.get_layer("mnist_cnn").get_layer("output").bias
     bias.assign(np.where(np.arange(10) == 3, 1e4, 0.0).astype("float32"))  # every image read as a 3
-    model.save(out / "model.keras")
+    model.save(out / "classifier.keras")
+    (out / "classifier.onnx").unlink()
+    if runtime == "onnxruntime":
+        export_onnx(keras, model, out / "classifier.onnx", np.zeros((4, 28, 28), np.uint8))
     write_manifest(out, "train@cpu")
+    assert ("classifier.onnx" in read_json(out / MANIFEST)["files"]) == (runtime == "onnxruntime")
     results = tmp_path / "eval"
     results.mkdir()
     with pytest.raises(UserError, match=r"^the cpu model learned nothing: test accuracy \S+ is no better than "
