@@ -382,6 +382,32 @@ def test_importing_a_stage_loads_no_heavy_library(stage):
     assert out.split() == []
 
 
+def loaded_while_running(stage, args):
+    """The heavy libraries loaded once stage `stage`'s main() has run with `args`, in a process of its own."""
+    code = (f"import sys; from stages import {stage}; {stage}.main(sys.argv[1:]); "
+            f"print('loaded:', *sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    return out.splitlines()[-1].split()[1:]
+
+
+def test_preprocess_and_evaluate_run_without_a_framework_or_scikit_learn(tmp_path, sample_raw, trained):
+    """What a fresh repro pays for at start-up (docs/results-and-speed.md, Start-up): preprocess standardizes
+    without scikit-learn, evaluate scores classifier.onnx on ONNX Runtime without TensorFlow or Keras
+    (build_init_weights: tests/test_build_init_weights.py)."""
+    from tests.conftest import write_raw
+
+    raw = write_raw(tmp_path / "raw", {name: array[:500] for name, array in sample_raw.items()})
+    params = write_params(tmp_path / "params.yaml", tiny_params())
+    assert loaded_while_running("preprocess", ["--raw", raw, "--out", tmp_path / "data", "--params", params]) == []
+    model, data = trained[0], trained[0].parent / "data"
+    outs = ["--metrics", tmp_path / "m.json", "--details", tmp_path / "details.json", "--predictions",
+            tmp_path / "p.csv", "--mistakes", tmp_path / "m.png"]
+    assert loaded_while_running("evaluate", ["--device", "cpu", "--data", data, "--model", model, *outs,
+                                             "--params", params]) == ["onnxruntime"]
+    assert json.loads((tmp_path / "details.json").read_text())["computed_by"].startswith("onnxruntime ")
+
+
 def test_dvc_plots_show_follows_a_running_train(project):
     """train copies its curves to live/ after each epoch (dvc.yaml declares the folder as plots, not as an
     output): `dvc plots show` draws them while the stage still runs; a finished run leaves the folder empty."""

@@ -136,6 +136,29 @@ def test_the_streamed_scaler_is_scikit_learns_to_the_last_bits(sample_raw, kind)
     assert (ours.scale_ > 0).all() and ours.n_samples_seen_ == len(images)
 
 
+@pytest.mark.parametrize("kind", ["per_pixel", "global"])
+def test_the_transform_is_scikit_learns_to_the_bit(sample_raw, kind):
+    """preprocess standardizes without importing scikit-learn: the same numbers as a StandardScaler holding the
+    same state gives, in float64 and once rounded to float32."""
+    from sklearn.preprocessing import StandardScaler
+
+    from mnist_cnn.scaler import standardize
+
+    images = sample_raw["x_train"]
+    sums = PixelSums()
+    sums.add(images)
+    ours = fit_scaler(sums, kind)
+    theirs = StandardScaler()
+    theirs.mean_, theirs.var_, theirs.scale_ = ours.mean_, ours.var_, ours.scale_
+    theirs.n_features_in_, theirs.n_samples_seen_ = len(ours.mean_), ours.n_samples_seen_
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    assert np.array_equal(ours.transform(flat), theirs.transform(flat))
+    assert np.array_equal(standardize(images, ours).reshape(len(images), -1),
+                          theirs.transform(flat).astype(np.float32))
+    if kind == "per_pixel":  # the corner pixels never vary: scale 1, as StandardScaler sets it
+        assert (ours.scale_ == 1.0).any()
+
+
 def test_a_short_chunk_write_is_refused(tmp_path):
     from mnist_cnn.files import NpyWriter
 
