@@ -550,8 +550,15 @@ def write_result(out, result):
 
 
 def machine_facts():
+    """The CPU and the software, and what was measured: the project's commit (`dirty` where its tracked files had
+    changes beside it) and the day."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno")),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def machine_line(machine):
