@@ -1,4 +1,4 @@
-"""A trained classifier, ready to predict, for predict and serve."""
+"""A trained classifier, ready to predict, for evaluate, predict and serve."""
 
 from pathlib import Path
 
