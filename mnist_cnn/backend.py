@@ -57,7 +57,11 @@ def keras_to_build():
     os.environ["KERAS_BACKEND"] = "numpy"
     os.environ["JAX_PLATFORMS"] = "cpu"  # NumPy's backend imports JAX (its FFT); no GPU is looked for
     with unimportable("tensorflow", *(name for name in KERAS_EXTRAS if name != "jax")):
-        import keras
+        try:
+            import keras
+        except ImportError as err:
+            raise UserError(f"Keras's NumPy backend cannot be imported ({err}); install the pins: "
+                            f"`pip install -r requirements.txt`") from None
         yield keras
 
 

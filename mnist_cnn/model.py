@@ -121,7 +121,8 @@ def standardize_table(scaler):
 
 def lookup(table, pixels):
     """Standardize uint8 images (N, 28, 28) with standardize_table's table, in NumPy."""
-    flat = pixels.reshape(len(pixels), -1).astype(np.int64) + np.arange(pixels[0].size) * PIXEL_LEVELS
+    size = int(np.prod(pixels.shape[1:]))  # not pixels[0].size: there may be no image
+    flat = pixels.reshape(len(pixels), size).astype(np.int64) + np.arange(size) * PIXEL_LEVELS
     return table[flat]
 
 

@@ -1,5 +1,6 @@
-"""The standardization: scikit-learn's StandardScaler fitted from pixel sums gathered a chunk at a time, its
-transform, and its record (scaler.json), which any tool applies without unpickling anything."""
+"""The standardization: scikit-learn's StandardScaler, its state and its transform (without importing
+scikit-learn), fitted from pixel sums gathered a chunk at a time, and its record (scaler.json), which any tool
+applies without unpickling anything."""
 
 import typing
 from fractions import Fraction
@@ -39,7 +40,7 @@ class Scaler(typing.NamedTuple):
 
 
 def fit_scaler(sums, kind="per_pixel"):
-    """scikit-learn's StandardScaler with the mean and (population) variance of the pixels `sums` added up:
+    """A StandardScaler's state (Scaler) with the mean and (population) variance of the pixels `sums` added up:
     per pixel, or one for all (global: one mean and one deviation over every pixel of every image, given to
     each of the 784 columns, so that everything downstream is the same code).
 

@@ -515,11 +515,12 @@ ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that classifi
 
 
 def export_onnx(keras, classifier, path, pixels):
-    """Write `classifier` as ONNX to `path`, for predict's fast start; refuse it unless it agrees with Keras.
+    """Write `classifier` as ONNX to `path`, for evaluate's and predict's fast start; refuse it unless it agrees
+    with Keras.
 
     Returns None when done, or the reason it could not be made on this backend
     (Keras's exporter on jax and torch needs packages the core install lacks):
-    predict then loads classifier.keras, and says so.
+    evaluate and predict then load classifier.keras, and say so.
     """
     expected = keras.ops.convert_to_numpy(classifier(pixels, training=False))  # also: the exporter wants a call
     check_predictions(expected, "the trained classifier")

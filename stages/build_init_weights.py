@@ -9,7 +9,7 @@ Every training run starts from these same weights, so runs with other
 settings or on another device compare fairly, as in the seed notebook.
 The weights are drawn with NumPy from base.seed (mnist_cnn.model.initial_weights),
 so TensorFlow, JAX and PyTorch start from identical numbers; Keras builds and saves
-the model on its NumPy backend (backend.keras_to_build: no framework's start-up,
+the model on its NumPy backend (backend.keras_to_build: no TensorFlow start-up,
 the same files to the byte), so base.backend does not concern this stage. --details records
 the weight count, the layer table, a one-line description and the training
 FLOPs per image; --metrics the weight count.

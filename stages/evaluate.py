@@ -101,10 +101,10 @@ def test_pixels(x, scaler):
     standardize back to x bit for bit (the lookup train's classifier does), so the classifier sees exactly the
     values the network would have been given.
     """
-    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    flat = np.asarray(x, dtype=np.float64).reshape(len(x), SIDE * SIDE)  # not -1: a batch may be empty
     levels = np.rint(flat * np.asarray(scaler["scale"], np.float64) + np.asarray(scaler["mean"], np.float64))
     pixels = np.clip(np.nan_to_num(levels), 0, 255).astype(np.uint8)
-    if not np.array_equal(lookup(standardize_table(scaler), pixels), np.asarray(x).reshape(len(x), -1)):
+    if not np.array_equal(lookup(standardize_table(scaler), pixels), np.asarray(x).reshape(len(x), SIDE * SIDE)):
         raise UserError("x_test.npy is not scaler.json's standardization of 0..255 pixels (a file changed by "
                         "hand, or another preprocess's): run `dvc repro -f preprocess`")
     return pixels.reshape(len(x), SIDE, SIDE)
@@ -157,20 +157,20 @@ def main(argv=None):
         raise UserError(f"{args.model} was trained on images standardized by another scaler than "
                         f"{args.data / 'scaler.json'}; run `dvc repro` to train it on these")
     if "values_per_image" not in trained:
-        raise UserError(f"{args.model} was written by an older train stage; run `dvc repro` to train it again")
+        raise UserError(f"{args.model} was written by an older train stage, without the figure evaluate checks its "
+                        f"batch's memory by; train it again (`dvc repro` where it was trained)")
     evaluate = params["evaluate"]
     check_batch_memory(trained["values_per_image"], evaluate.batch_size, evaluate.max_batch_mb,
                        ("evaluate.batch_size", "evaluate.max_batch_mb"), training=False)
     try:
-        x = np.load(args.data / "x_test.npy")
+        x = np.load(args.data / "x_test.npy", mmap_mode="r")  # read a batch at a time
         y = np.load(args.data / "y_test.npy").astype(np.int64)
         scaler = read_json(args.data / "scaler.json")
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot load the test data ({err}); run `dvc repro` to make them") from None
-    pixels = test_pixels(x, scaler)
     model = TrainedClassifier(args.model)
-    probs = np.concatenate([model.predict(pixels[start:start + evaluate.batch_size])
-                            for start in range(0, len(pixels), evaluate.batch_size)])
+    probs = np.concatenate([model.predict(test_pixels(x[start:start + evaluate.batch_size], scaler))
+                            for start in range(0, len(x), evaluate.batch_size)])
 
     if not np.isfinite(probs).all():
         raise UserError(f"the {args.device} model gives NaN or infinite probabilities on the test set; nothing "
@@ -181,7 +181,7 @@ def main(argv=None):
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        mistakes_png(dict(zip(wrong, pixels[wrong], strict=True)), y, probs, wrong, png,
+        mistakes_png(dict(zip(wrong, test_pixels(x[wrong], scaler), strict=True)), y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
     write_json(args.details, metrics)
     write_json(args.metrics, {"test": {key: metrics["test"][key] for key in ("accuracy", "loss")}})

@@ -10,9 +10,10 @@ on a CPU. Fits the classifier (mnist_cnn.model: uint8 pixels in, the
 standardization inside), behind random moves of its images when
 train.augment asks for them, and writes, in --out:
 classifier.keras (that classifier, to load and use anywhere),
-classifier.onnx (the same for ONNX Runtime, predict's fast start; checked
-against Keras to 1e-5), model.keras (the network alone, standardized images
-in, as evaluate reads it) and params.json (the params it was trained with).
+classifier.onnx (the same for ONNX Runtime, which evaluate, predict and serve
+answer with; checked against Keras to 1e-5), model.keras (the network alone,
+standardized images in) and params.json (the params it was trained with, and
+the network's values per image, which evaluate checks its batch's memory by).
 --metrics gets the fit time (what `dvc metrics show` shows), --details the
 device, timings and final metrics, and DVCLive one line per epoch, counted
 from 1, of loss, accuracy (and their validation twins when
@@ -175,7 +176,7 @@ def main(argv=None):
     print(f"fit {result.fit_s:.1f} s on {setup.device_name} ({details['samples_per_s']:.0f} images/s), "
           f"final accuracy {details['final_accuracy']:.4f}")
     if no_onnx:
-        print(f"no classifier.onnx ({no_onnx}): predict will load classifier.keras")
+        print(f"no classifier.onnx ({no_onnx}): evaluate and predict will load classifier.keras")
     print(f"wrote {args.out}/ (classifier.keras{'' if no_onnx else ', classifier.onnx'}, model.keras, params.json), "
           f"{args.metrics}, {args.details}, {args.live}/")
 

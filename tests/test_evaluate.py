@@ -73,6 +73,7 @@ def test_the_test_pixels_are_recovered_exactly_from_the_standardized_images(samp
     assert pixels.dtype == np.uint8 and pixels.shape == arrays["x_test"].shape[:3]
     if procedure == "published_split":  # the published test set, in its order: the raw images themselves
         assert np.array_equal(pixels, sample_raw["x_test"])
+    assert evaluate.test_pixels(arrays["x_test"][:0], scaler).shape == (0, 28, 28)  # a model with no mistake
 
 
 def test_test_images_that_are_not_the_scalers_standardization_are_refused(sample_raw):
