@@ -94,17 +94,18 @@ def most_confident_mistakes(probs, y, n=25):
     return wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
 
 
-def test_pixels(x, scaler):
+def test_pixels(x, scaler, table=None):
     """The 0..255 pixels (N, 28, 28) uint8 that preprocess standardized into x (N, 28, 28, 1) with `scaler`.
 
     Each value is unstandardized in float64 and rounded to the nearest level; the result is checked to
     standardize back to x bit for bit (the lookup train's classifier does), so the classifier sees exactly the
-    values the network would have been given.
+    values the network would have been given. `table`: standardize_table(scaler), made once for many batches.
     """
     flat = np.asarray(x, dtype=np.float64).reshape(len(x), SIDE * SIDE)  # not -1: a batch may be empty
     levels = np.rint(flat * np.asarray(scaler["scale"], np.float64) + np.asarray(scaler["mean"], np.float64))
     pixels = np.clip(np.nan_to_num(levels), 0, 255).astype(np.uint8)
-    if not np.array_equal(lookup(standardize_table(scaler), pixels), np.asarray(x).reshape(len(x), SIDE * SIDE)):
+    table = standardize_table(scaler) if table is None else table
+    if not np.array_equal(lookup(table, pixels), np.asarray(x).reshape(len(x), SIDE * SIDE)):
         raise UserError("x_test.npy is not scaler.json's standardization of 0..255 pixels (a file changed by "
                         "hand, or another preprocess's): run `dvc repro -f preprocess`")
     return pixels.reshape(len(x), SIDE, SIDE)
@@ -169,7 +170,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot load the test data ({err}); run `dvc repro` to make them") from None
     model = TrainedClassifier(args.model)
-    probs = np.concatenate([model.predict(test_pixels(x[start:start + evaluate.batch_size], scaler))
+    table = standardize_table(scaler)
+    probs = np.concatenate([model.predict(test_pixels(x[start:start + evaluate.batch_size], scaler, table))
                             for start in range(0, len(x), evaluate.batch_size)])
 
     if not np.isfinite(probs).all():
@@ -181,7 +183,7 @@ def main(argv=None):
     wrong = most_confident_mistakes(probs, y)
     with atomic_path(args.predictions) as tmp, atomic_path(args.mistakes) as png:
         tmp.write_text(predictions_csv(probs, y))
-        mistakes_png(dict(zip(wrong, test_pixels(x[wrong], scaler), strict=True)), y, probs, wrong, png,
+        mistakes_png(dict(zip(wrong, test_pixels(x[wrong], scaler, table), strict=True)), y, probs, wrong, png,
                      f"{args.device} model: its {len(wrong)} most confident mistakes on the test set")
     write_json(args.details, metrics)
     write_json(args.metrics, {"test": {key: metrics["test"][key] for key in ("accuracy", "loss")}})
